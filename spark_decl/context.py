@@ -1,0 +1,125 @@
+"""Storing an event's context as JSON and rebuilding it for retries.
+
+Model instances are stored as references (app label, model name, primary key) and fetched
+again when the context is rebuilt. JSON scalars, lists, tuples (rebuilt as lists),
+string-keyed dicts, ``date``, ``datetime``, ``time``, ``timedelta``, ``Decimal`` and ``UUID``
+round-trip to equal values of the same type. Anything else is refused with
+:class:`~spark_decl.exceptions.InvalidContext` when the event is claimed. No pickle.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import uuid
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from django.apps import apps
+from django.db.models import Model
+
+from .exceptions import InvalidContext, SparkError
+
+# Tagged values are dicts with this one marker key; user dicts that happen to contain the
+# marker are wrapped so they cannot be mistaken for a tag.
+TAG = "__spark__"
+
+
+class ContextUnavailable(SparkError):
+    """A stored context refers to something that no longer exists (a deleted row)."""
+
+
+def dump_context(value: object, *, key: str) -> Any:
+    """Return ``value`` as JSON-compatible data, or raise ``InvalidContext`` naming the spot."""
+    return _dump(value, "context", key)
+
+
+def _dump(value: object, path: str, key: str) -> Any:
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidContext(
+                f"Event {key!r}: {path} is {value!r}; JSON cannot store NaN or infinity."
+            )
+        return value
+    if isinstance(value, Model):
+        if value.pk is None:
+            raise InvalidContext(
+                f"Event {key!r}: {path} is an unsaved {type(value).__name__}; "
+                "only saved instances can be stored as references."
+            )
+        return {TAG: "model", "model": value._meta.label_lower, "pk": _dump(value.pk, path, key)}
+    if isinstance(value, Mapping):
+        items: dict[str, Any] = {}
+        for item_key, item in value.items():
+            if not isinstance(item_key, str):
+                raise InvalidContext(
+                    f"Event {key!r}: {path} has the key {item_key!r}; only str keys can be stored."
+                )
+            items[item_key] = _dump(item, f"{path}[{item_key!r}]", key)
+        return {TAG: "dict", "value": items} if TAG in items else items
+    if isinstance(value, list | tuple):
+        return [_dump(item, f"{path}[{index}]", key) for index, item in enumerate(value)]
+    # datetime is a date subclass: test it first.
+    if isinstance(value, dt.datetime):
+        return {TAG: "datetime", "value": value.isoformat()}
+    if isinstance(value, dt.date):
+        return {TAG: "date", "value": value.isoformat()}
+    if isinstance(value, dt.time):
+        return {TAG: "time", "value": value.isoformat()}
+    if isinstance(value, dt.timedelta):
+        return {TAG: "timedelta", "value": [value.days, value.seconds, value.microseconds]}
+    if isinstance(value, Decimal):
+        return {TAG: "decimal", "value": str(value)}
+    if isinstance(value, uuid.UUID):
+        return {TAG: "uuid", "value": str(value)}
+    raise InvalidContext(
+        f"Event {key!r}: {path} is a {type(value).__module__}.{type(value).__qualname__}, "
+        "which cannot be stored. Use model instances, JSON values, date/time values, "
+        "Decimal or UUID."
+    )
+
+
+def load_context(data: Any) -> Any:
+    """Rebuild a context stored by :func:`dump_context`; model instances are re-fetched."""
+    if isinstance(data, list):
+        return [load_context(item) for item in data]
+    if not isinstance(data, dict):
+        return data
+    tag = data.get(TAG)
+    if tag is None:
+        return {item_key: load_context(item) for item_key, item in data.items()}
+    value: Any = data.get("value")
+    match tag:
+        case "dict":
+            return {item_key: load_context(item) for item_key, item in value.items()}
+        case "model":
+            return _fetch(data["model"], load_context(data["pk"]))
+        case "datetime":
+            return dt.datetime.fromisoformat(value)
+        case "date":
+            return dt.date.fromisoformat(value)
+        case "time":
+            return dt.time.fromisoformat(value)
+        case "timedelta":
+            days, seconds, microseconds = value
+            return dt.timedelta(days=days, seconds=seconds, microseconds=microseconds)
+        case "decimal":
+            return Decimal(value)
+        case "uuid":
+            return uuid.UUID(value)
+    raise ContextUnavailable(f"Unknown stored context tag {tag!r}.")
+
+
+def _fetch(label: str, pk: object) -> Model:
+    try:
+        model = apps.get_model(label)
+    except LookupError as exc:
+        raise ContextUnavailable(f"The model {label} is no longer installed.") from exc
+    try:
+        instance: Model = model._base_manager.get(pk=pk)
+    except model.DoesNotExist as exc:
+        raise ContextUnavailable(f"{model.__name__} with pk={pk!r} no longer exists.") from exc
+    return instance

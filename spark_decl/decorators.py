@@ -1,0 +1,68 @@
+"""The two decorators: :func:`event_source` and :func:`handles`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .registry import check_model, compile_pattern, registry
+from .types import Event
+
+if TYPE_CHECKING:
+    from django.db.models import Model, QuerySet
+
+M = TypeVar("M", bound="Model")
+R = TypeVar("R", bound=Iterable[Event[Any]])
+H = TypeVar("H", bound=Callable[[Event[Any]], object])
+
+
+def event_source(
+    model: type[M],
+    *,
+    on_save: bool = True,
+    queryset: Callable[[], QuerySet[M]] | None = None,
+) -> Callable[[Callable[[M], R]], Callable[[M], R]]:
+    """Register a function that turns an instance of ``model`` into events.
+
+    The source runs when an instance is saved (unless ``on_save=False``) and for every
+    instance in ``manage.py process_spark_sources``. ``queryset`` restricts the rows the
+    batch command scans (default: every row of the default manager)::
+
+        @event_source(Challenge)
+        def events_from_challenge(challenge: Challenge) -> Iterator[Event[ChallengeContext]]:
+            yield event("challenge_created", challenge.pk, {"challenge": challenge})
+
+    The function is returned unchanged.
+    """
+    check_model(model)
+
+    def decorator(function: Callable[[M], R]) -> Callable[[M], R]:
+        registry.add_source(model, function, on_save=on_save, queryset=queryset)
+        return function
+
+    return decorator
+
+
+def handles(pattern: str | re.Pattern[str], *, background: bool = False) -> Callable[[H], H]:
+    """Register a handler for every event whose group matches ``re.search(pattern, group)``.
+
+    Stack several ``@handles`` to route more groups to one function; it still runs once per
+    event. ``background=True`` marks a handler to be run outside the request; until the
+    tasks integration lands it runs in-process right after the claim commits, like the
+    others. An invalid pattern raises :class:`~spark_decl.exceptions.InvalidPattern` here,
+    at import time::
+
+        @handles(r"^challenge")
+        def send_challenge_mails(event: Event[ChallengeContext]) -> None: ...
+
+    The function is returned unchanged.
+    """
+    # Compile now so a bad pattern fails at the decorator line, not when it is applied.
+    compiled = compile_pattern(pattern, where=f"@handles({pattern!r})")
+
+    def decorator(function: H) -> H:
+        registry.add_handler(compiled, function, background=background)
+        return function
+
+    return decorator

@@ -1,0 +1,31 @@
+"""The exceptions spark_decl raises. Every one of them derives from :class:`SparkError`."""
+
+from __future__ import annotations
+
+
+class SparkError(Exception):
+    """Base class of every error raised by spark_decl."""
+
+
+class InvalidEvent(SparkError, ValueError):
+    """An event source produced something that is not a valid event.
+
+    Raised before anything is written, naming the offending field and, where known,
+    the source that produced the event.
+    """
+
+
+class InvalidContext(InvalidEvent):
+    """An event's context holds a value that cannot be stored (and so cannot be retried)."""
+
+
+class InvalidPattern(SparkError, ValueError):
+    """A handler was registered with a pattern that is not a valid regular expression."""
+
+
+class RegistrationError(SparkError, ValueError):
+    """A decorator or registration function was used wrongly."""
+
+
+class UnsupportedDatabase(SparkError):
+    """The database cannot claim keys atomically (SQLite older than 3.35, or another vendor)."""

@@ -1,0 +1,70 @@
+"""The database side: one row per claimed key, one row per (event, handler) call."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+
+class EventRecord(models.Model):
+    """A claimed event key. Its unique ``key`` is what makes every event happen once."""
+
+    key = models.CharField(_("key"), max_length=255, unique=True)
+    group = models.CharField(_("group"), max_length=255, db_index=True)
+    context = models.JSONField(_("context"), default=dict, blank=True)
+    created_at = models.DateTimeField(_("created at"), db_index=True)
+
+    outcomes: models.Manager[HandlerOutcome]
+
+    class Meta:
+        verbose_name = _("event")
+        verbose_name_plural = _("events")
+        ordering: ClassVar[list[str]] = ["-created_at", "-pk"]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class HandlerOutcome(models.Model):
+    """What became of one handler's call for one event."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", _("pending")
+        DONE = "done", _("done")
+        FAILED = "failed", _("failed")
+        GIVEN_UP = "given_up", _("given up")
+
+    record = models.ForeignKey(
+        EventRecord,
+        on_delete=models.CASCADE,
+        related_name="outcomes",
+        verbose_name=_("event"),
+    )
+    handler = models.CharField(_("handler"), max_length=255, db_index=True)
+    status = models.CharField(
+        _("status"), max_length=16, choices=Status.choices, default=Status.PENDING
+    )
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    last_error = models.TextField(_("last error"), blank=True)
+    traceback = models.TextField(_("traceback"), blank=True)
+    created_at = models.DateTimeField(_("created at"))
+    finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+    next_attempt_at = models.DateTimeField(_("next attempt at"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("handler outcome")
+        verbose_name_plural = _("handler outcomes")
+        ordering: ClassVar[list[str]] = ["pk"]
+        constraints: ClassVar[list[models.BaseConstraint]] = [
+            models.UniqueConstraint(
+                fields=["record", "handler"], name="spark_decl_one_outcome_per_handler"
+            ),
+        ]
+        indexes: ClassVar[list[models.Index]] = [
+            models.Index(fields=["status", "next_attempt_at"], name="spark_decl_due_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.handler}: {self.get_status_display()}"

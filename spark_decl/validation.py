@@ -1,0 +1,51 @@
+"""Checking what event sources produce, before anything is written."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, cast
+
+from .exceptions import InvalidEvent
+from .types import Event
+
+MAX_LENGTH = 255
+
+
+def validate_event(candidate: object, *, source: str | None = None) -> Event[Any]:
+    """Return ``candidate`` as an event, or raise :class:`InvalidEvent` naming what is wrong.
+
+    A missing ``context`` becomes ``{}`` (in a copy; the input is never mutated). Extra keys
+    are kept, as django-spark allowed.
+    """
+    origin = f" from source {source}" if source else ""
+    if not isinstance(candidate, Mapping):
+        raise InvalidEvent(
+            f"Invalid event{origin}: expected a mapping with 'group' and 'key', "
+            f"got {type(candidate).__name__} {_short(candidate)}."
+        )
+    for field in ("group", "key"):
+        if field not in candidate:
+            raise InvalidEvent(
+                f"Invalid event{origin}: {field!r} is missing in {_short(candidate)}."
+            )
+        value = candidate[field]
+        if not isinstance(value, str):
+            raise InvalidEvent(
+                f"Invalid event{origin}: {field!r} must be a str, "
+                f"got {type(value).__name__} {_short(value)}."
+            )
+        if not value:
+            raise InvalidEvent(f"Invalid event{origin}: {field!r} must not be empty.")
+        if len(value) > MAX_LENGTH:
+            raise InvalidEvent(
+                f"Invalid event{origin}: {field!r} is {len(value)} characters long, "
+                f"the maximum is {MAX_LENGTH}: {_short(value)}."
+            )
+    if "context" not in candidate or candidate["context"] is None:
+        return cast("Event[Any]", {**candidate, "context": {}})
+    return cast("Event[Any]", candidate)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
