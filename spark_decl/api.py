@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .claims import only_new_events
 from .dispatch import process_events
@@ -26,6 +26,8 @@ from .types import Event, event
 
 if TYPE_CHECKING:
     from django.db.models import Model
+
+M = TypeVar("M", bound="Model")
 
 __all__ = [
     "MODEL_SOURCES",
@@ -46,9 +48,12 @@ def register_group_handler(
 
 
 def register_model_event_source(
-    *, sender: type[Model], source: Callable[[Any], Iterable[Mapping[str, Any]] | None]
+    *, sender: type[M], source: Callable[[M], Iterable[Mapping[str, Any]] | None]
 ) -> None:
-    """Run ``source`` over every saved ``sender`` instance (and in the batch command)."""
+    """Run ``source`` over every saved ``sender`` instance (and in the batch command).
+
+    Typed like ``@event_source``: a ``source`` that cannot take a ``sender`` is a mypy error.
+    """
     registry.add_source(sender, source)
 
 

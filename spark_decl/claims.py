@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .registry import HandlerSpec
     from .types import Event
 
-C = TypeVar("C")
+E = TypeVar("E", bound="Mapping[str, Any]")
 
 MIN_SQLITE = (3, 35, 0)
 # Rows per INSERT statement: 4 parameters a row stays under SQLite's 999-parameter floor.
@@ -166,10 +166,10 @@ def _insert_ignoring_conflicts(
 
 
 def only_new_events(
-    events: Iterable[Event[C]] | Iterable[Mapping[str, Any]],
+    events: Iterable[E],
     *,
     using: str = DEFAULT_DB_ALIAS,
-) -> Iterator[Event[C]]:
+) -> Iterator[E]:
     """Yield the events whose keys were never seen before, claiming them as it goes.
 
     Each event is validated (:class:`~spark_decl.exceptions.InvalidEvent` on bad input),
@@ -186,4 +186,6 @@ def only_new_events(
     iterator = iter(events)
     while chunk := list(islice(iterator, chunk_size)):
         valid = [validate_event(candidate) for candidate in chunk]
-        yield from cast("list[Event[C]]", claim_events(valid, using=using))
+        # A claimed event is a dict equal to the one passed in, so its static type (and the
+        # handler-side context type, e.g. Event[ChallengeContext]) carries over.
+        yield from cast("list[E]", claim_events(valid, using=using))

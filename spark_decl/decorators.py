@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from django.db.models import Model, QuerySet
 
 M = TypeVar("M", bound="Model")
-R = TypeVar("R", bound=Iterable[Event[Any]])
+# A source may return None for "no events", as the registry (and django-spark) allow.
+R = TypeVar("R", bound=Iterable[Event[Any]] | None)
 H = TypeVar("H", bound=Callable[[Event[Any]], object])
 
 
