@@ -7,7 +7,7 @@ VENV ?= .venv
 DJANGO ?= Django>=5.2,<5.3
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint docs clean
+.PHONY: demo test lint docs bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +21,21 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Style, types (tests/typing_pass.py and tests/typing_fail.py are type tests), and
+# models without a migration.
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy spark_decl tests example
+	$(BIN)/mypy spark_decl tests $(wildcard example)
+	DJANGO_SETTINGS_MODULE=tests.settings $(BIN)/python -m django makemigrations --check --dry-run
 
 docs: $(VENV)/.installed
 	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+# spark_decl vs django-spark 0.3.0 (own venv .venv-bench, Python 3.11); see benchmarks/README.md.
+# e.g. make bench BENCH_ARGS="--postgres --json bench.json"
+bench:
+	$(PYTHON) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) docs/_build .pytest_cache .mypy_cache .ruff_cache .hypothesis
