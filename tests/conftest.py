@@ -1,0 +1,35 @@
+"""Fixtures and helpers shared by the test modules (imported as ``tests.conftest``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from spark_decl.models import EventRecord, HandlerOutcome
+from spark_decl.registry import Registry, registry
+from tests.testapp.models import HandlerLog
+
+CHALLENGE_HANDLER = "tests.testapp.spark.log_challenge_event"
+
+
+@pytest.fixture
+def isolated_registry() -> Iterator[Registry]:
+    """The real registry (autodiscovered testapp.spark included); registrations made in the
+    test are dropped afterwards."""
+    with registry.isolated() as isolated:
+        yield isolated
+
+
+def clear_tables() -> None:
+    """Empty what handlers and claims write; for hypothesis examples sharing one test DB."""
+    HandlerOutcome.objects.all().delete()
+    EventRecord.objects.all().delete()
+    HandlerLog.objects.all().delete()
+
+
+def logged_keys(handler: str = "log_challenge_event") -> list[str]:
+    """Keys the test app's handler ``handler`` wrote to HandlerLog, in write order."""
+    return list(
+        HandlerLog.objects.filter(handler=handler).order_by("pk").values_list("key", flat=True)
+    )

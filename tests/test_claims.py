@@ -1,0 +1,261 @@
+"""``only_new_events`` and ``process_events``: once per key (semantic 1), and seed semantics."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+from pytest_django import Settings
+
+from spark_decl import Event, event, handles, only_new_events, process_events
+from spark_decl.exceptions import InvalidContext
+from spark_decl.models import EventRecord, HandlerOutcome
+from spark_decl.registry import Registry
+from tests.conftest import CHALLENGE_HANDLER, logged_keys
+from tests.testapp.models import Challenge, HandlerLog
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = 50
+
+
+@pytest.fixture
+def recorder(isolated_registry: Registry) -> list[str]:
+    calls: list[str] = []
+
+    @handles(r"^g")
+    def record(event: Event[Any]) -> None:
+        calls.append(event["key"])
+
+    return calls
+
+
+@pytest.mark.django_db(transaction=True)
+def test_only_new_events_yields_new_keys_in_input_order_each_once() -> None:
+    list(only_new_events([event("g", 2)]))
+    events = [event("g", 3), event("g", 1), event("g", 2), event("g", 3), event("h", 4)]
+    assert [e["key"] for e in only_new_events(events)] == ["g_3", "g_1", "h_4"]
+    assert list(only_new_events(events)) == []
+    assert sorted(EventRecord.objects.values_list("key", flat=True)) == [
+        "g_1",
+        "g_2",
+        "g_3",
+        "h_4",
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_first_occurrence_of_a_key_wins() -> None:
+    first = {"group": "g", "key": "same", "context": {"n": 1}}
+    second = {"group": "other", "key": "same", "context": {"n": 2}}
+    assert list(only_new_events([first, second])) == [first]
+    record = EventRecord.objects.get()
+    assert (record.group, record.context) == ("g", {"n": 1})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_claimed_events_equal_the_events_passed_in() -> None:
+    challenge = Challenge.objects.create(title="x", is_active=False)
+    original = event("challenge_x", challenge.pk, {"challenge": challenge, "extra": [1, 2]})
+    (claimed,) = only_new_events([original])
+    assert claimed == original
+    assert claimed["context"]["challenge"] is challenge
+
+
+@pytest.mark.django_db(transaction=True)
+def test_only_new_events_claims_lazily_a_chunk_at_a_time(settings: Settings) -> None:
+    settings.SPARK_DECL = {"CHUNK_SIZE": 2}
+    pulled: list[int] = []
+
+    def produce() -> Iterator[Event[dict[str, Any]]]:
+        for n in range(5):
+            pulled.append(n)
+            yield event("g", n)
+
+    claimed = only_new_events(produce())
+    assert pulled == []
+    assert not EventRecord.objects.exists()
+    assert next(claimed)["key"] == "g_0"
+    assert pulled == [0, 1]
+    assert EventRecord.objects.count() == 2
+    assert [e["key"] for e in claimed] == ["g_1", "g_2", "g_3", "g_4"]
+    assert EventRecord.objects.count() == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_duplicates_across_chunks_are_yielded_once(settings: Settings) -> None:
+    settings.SPARK_DECL = {"CHUNK_SIZE": 2}
+    events = [event("g", n) for n in (1, 2, 1, 3, 2, 3, 4)]
+    assert [e["key"] for e in only_new_events(events)] == ["g_1", "g_2", "g_3", "g_4"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_claiming_many_events_at_once() -> None:
+    # More rows than one INSERT statement takes.
+    events = [event("g", n) for n in range(1200)]
+    assert len(list(only_new_events(events))) == 1200
+    assert len(list(only_new_events([*events, event("g", "new")]))) == 1
+    assert EventRecord.objects.count() == 1201
+
+
+@pytest.mark.django_db(transaction=True)
+def test_process_events_does_not_dedupe(recorder: list[str]) -> None:
+    process_events([event("g", 1), event("g", 1)])
+    process_events([event("g", 1)])
+    assert recorder == ["g_1", "g_1", "g_1"]
+    assert not EventRecord.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_process_events_with_only_new_events_handles_each_key_once(recorder: list[str]) -> None:
+    for _ in range(3):
+        process_events(only_new_events([event("g", 1), event("g", 2), event("g", 1)]))
+    assert recorder == ["g_1", "g_2"]
+    outcomes = HandlerOutcome.objects.filter(status="done").values_list("record__key", flat=True)
+    assert sorted(outcomes) == ["g_1", "g_2"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_process_events_inside_a_transaction_runs_after_commit(recorder: list[str]) -> None:
+    with transaction.atomic():
+        process_events([event("g", 1)])
+        process_events(only_new_events([event("g", 2)]))
+        assert recorder == []
+    assert recorder == ["g_1", "g_2"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_process_events_inside_a_rolled_back_transaction_runs_nothing(
+    recorder: list[str],
+) -> None:
+    def process_then_fail() -> None:
+        with transaction.atomic():
+            process_events(only_new_events([event("g", 1)]))
+            process_events([event("g", 2)])
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        process_then_fail()
+    assert recorder == []
+    assert not EventRecord.objects.exists()
+    # The key was never claimed: it is new next time.
+    process_events(only_new_events([event("g", 1)]))
+    assert recorder == ["g_1"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_event_without_handlers_is_claimed_without_outcomes() -> None:
+    process_events(only_new_events([event("unrouted", 1)]))
+    assert EventRecord.objects.get().key == "unrouted_1"
+    assert not HandlerOutcome.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outcomes_are_made_for_the_handlers_matching_at_claim_time() -> None:
+    process_events(only_new_events([event("challenge_created", 1)]))
+    assert list(HandlerOutcome.objects.values_list("handler", "status")) == [
+        (CHALLENGE_HANDLER, "done")
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_unstorable_context_is_refused_before_anything_is_written() -> None:
+    good = event("challenge_created", 1, {"when": timezone.now()})
+    bad = event("challenge_created", 2, {"when": {1, 2}})
+    with pytest.raises(InvalidContext) as excinfo:
+        list(only_new_events([good, bad]))
+    assert isinstance(excinfo.value, ValueError)
+    assert "'challenge_created_2'" in str(excinfo.value)
+    assert "context['when']" in str(excinfo.value)
+    assert "builtins.set" in str(excinfo.value)
+    assert not EventRecord.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_unstorable_context_from_a_save_raises_and_claims_nothing(
+    isolated_registry: Registry,
+) -> None:
+    from spark_decl import event_source
+
+    @event_source(Challenge)
+    def with_object(challenge: Challenge) -> Iterator[Event[dict[str, object]]]:
+        yield event("challenge_odd", challenge.pk, {"thing": object()})
+
+    with pytest.raises(InvalidContext, match=r"context\['thing'\]"), transaction.atomic():
+        Challenge.objects.create(title="x")
+    assert not EventRecord.objects.exists()
+    assert not Challenge.objects.exists()
+    assert logged_keys() == []
+
+
+@pytest.mark.django_db
+def test_the_unique_key_is_enforced_by_the_database() -> None:
+    now = timezone.now()
+    EventRecord.objects.create(key="k", group="g", created_at=now)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        EventRecord.objects.create(key="k", group="other", created_at=now)
+
+
+WORKER = textwrap.dedent(
+    """
+    import os, sys
+
+    os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    from django.conf import settings
+
+    # The test database, not the development one.
+    settings.DATABASES["default"]["NAME"] = sys.argv[1]
+    # Small chunks, so that the workers' claims interleave.
+    settings.SPARK_DECL = {"CHUNK_SIZE": 5}
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("process_spark_sources", "--model", "testapp.Challenge")
+    """
+)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_batch_workers_never_handle_a_key_twice() -> None:
+    """Semantic 1 across processes, on a file SQLite database or PostgreSQL."""
+    if connection.vendor == "sqlite":
+        assert Path(connection.settings_dict["NAME"]).is_file()
+    ended = timezone.localdate() - dt.timedelta(days=1)
+    Challenge.objects.bulk_create(Challenge(title=f"c{n}", end_date=ended) for n in range(ROWS))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(connection.settings_dict["NAME"])],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [worker.communicate(timeout=120) for worker in workers]
+    for worker, (out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err
+        assert f"testapp.Challenge: {ROWS} rows, {2 * ROWS} events" in out
+
+    handled = Counter(
+        HandlerLog.objects.filter(handler="log_challenge_event").values_list("key", flat=True)
+    )
+    assert len(handled) == 2 * ROWS
+    assert set(handled.values()) == {1}
+    assert EventRecord.objects.count() == 2 * ROWS
+    assert set(HandlerOutcome.objects.values_list("status", flat=True)) == {"done"}
+    new = sum(int(out.split(" new,")[0].rsplit(" ", 1)[1]) for out, _ in outputs)
+    assert new == 2 * ROWS

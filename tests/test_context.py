@@ -1,0 +1,207 @@
+"""Storing contexts as JSON and rebuilding them for retries."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spark_decl import event, only_new_events
+from spark_decl.context import TAG, ContextUnavailable, dump_context, load_context
+from spark_decl.exceptions import InvalidContext
+from spark_decl.models import EventRecord
+from tests.testapp.models import Challenge, Donation
+
+
+def round_trip(value: object) -> Any:
+    return load_context(json.loads(json.dumps(dump_context(value, key="k"))))
+
+
+def assert_same(actual: object, expected: object) -> None:
+    """Equal, and of the same type all the way down (1 == 1.0 == True would hide a bug)."""
+    assert type(actual) is type(expected), (actual, expected)
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict)
+        assert actual.keys() == expected.keys()
+        for item_key, item in expected.items():
+            assert_same(actual[item_key], item)
+    elif isinstance(expected, list):
+        assert isinstance(actual, list)
+        assert len(actual) == len(expected)
+        for actual_item, item in zip(actual, expected, strict=True):
+            assert_same(actual_item, item)
+    else:
+        assert actual == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        0,
+        -17,
+        2**70,
+        1.5,
+        "text",
+        "",
+        [],
+        {},
+        [1, "a", None, [2.5]],
+        {"a": {"b": [1, {"c": False}]}},
+        dt.date(2024, 2, 29),
+        dt.datetime(2024, 2, 29, 13, 5, 7, 123456),
+        dt.datetime(2024, 2, 29, 13, 5, 7, tzinfo=dt.UTC),
+        dt.datetime(2024, 2, 29, 13, 5, tzinfo=dt.timezone(dt.timedelta(hours=-5))),
+        dt.time(23, 59, 58, 1),
+        dt.timedelta(days=-2, seconds=5, microseconds=7),
+        Decimal("12.3400"),
+        Decimal("-1E+3"),
+        uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        {TAG: "model", "model": "testapp.challenge", "pk": 1},
+        {TAG: "dict", "value": {TAG: "x"}},
+        {TAG: {TAG: [{TAG: None}]}},
+        {"when": dt.date(2020, 1, 1), "amounts": [Decimal("1.10"), 2]},
+    ],
+)
+def test_values_round_trip_to_equal_values_of_the_same_type(value: object) -> None:
+    assert_same(round_trip(value), value)
+
+
+def test_tuples_come_back_as_lists() -> None:
+    assert_same(round_trip({"pair": (1, "a")}), {"pair": [1, "a"]})
+
+
+def test_a_dict_containing_the_marker_is_not_mistaken_for_a_tagged_value() -> None:
+    value = {TAG: "date", "value": "2020-01-01"}
+    stored = dump_context(value, key="k")
+    assert stored != value
+    assert_same(load_context(stored), value)
+
+
+@pytest.mark.django_db
+def test_model_instances_are_stored_as_references_and_fetched_fresh() -> None:
+    challenge = Challenge.objects.create(title="before", is_active=False)
+    donation = Donation.objects.create(challenge=challenge, amount=5)
+    stored = dump_context({"challenge": challenge, "donations": [donation]}, key="k")
+    assert stored == {
+        "challenge": {TAG: "model", "model": "testapp.challenge", "pk": challenge.pk},
+        "donations": [{TAG: "model", "model": "testapp.donation", "pk": donation.pk}],
+    }
+    Challenge.objects.filter(pk=challenge.pk).update(title="after")
+    loaded = load_context(json.loads(json.dumps(stored)))
+    assert loaded["challenge"] == challenge
+    assert loaded["challenge"] is not challenge
+    assert loaded["challenge"].title == "after"
+    assert loaded["donations"][0].amount == 5
+
+    pk = challenge.pk
+    challenge.delete()
+    with pytest.raises(ContextUnavailable, match=f"Challenge with pk={pk} no longer exists"):
+        load_context(stored)
+
+
+def test_a_model_that_is_no_longer_installed_is_unavailable() -> None:
+    with pytest.raises(ContextUnavailable, match=r"gone\.thing"):
+        load_context({TAG: "model", "model": "gone.thing", "pk": 1})
+
+
+def test_an_unknown_tag_is_unavailable() -> None:
+    with pytest.raises(ContextUnavailable, match="'pickle'"):
+        load_context({TAG: "pickle", "value": "x"})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_context_round_trips_through_the_database() -> None:
+    challenge = Challenge.objects.create(title="x", is_active=False)
+    context = {
+        "challenge": challenge,
+        "when": dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC),
+        "day": dt.date(2024, 5, 1),
+        "at": dt.time(8, 30),
+        "left": dt.timedelta(hours=36),
+        "amount": Decimal("19.90"),
+        "id": uuid.UUID(int=7),
+        "tags": ["a", "b"],
+        "nested": {TAG: 1, "ok": True},
+        "ratio": 0.25,
+        "nothing": None,
+    }
+    list(only_new_events([event("stored", 1, context)]))
+    loaded = load_context(EventRecord.objects.get(key="stored_1").context)
+    assert loaded.pop("challenge") == challenge
+    expected = dict(context)
+    del expected["challenge"]
+    assert_same(loaded, expected)
+
+
+class Opaque:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("value", "where", "what"),
+    [
+        ({"bad": {1, 2}}, "context['bad']", "builtins.set"),
+        ({"bad": Opaque()}, "context['bad']", "Opaque"),
+        ({"list": [1, b"x"]}, "context['list'][1]", "builtins.bytes"),
+        ({"deep": {"er": float("nan")}}, "context['deep']['er']", "NaN"),
+        ({"inf": math.inf}, "context['inf']", "infinity"),
+        ({"ok": 1, 5: "int key"}, "context", "5"),
+        ({"fn": len}, "context['fn']", "builtin_function_or_method"),
+        ({"unsaved": Challenge(title="x")}, "context['unsaved']", "unsaved Challenge"),
+    ],
+)
+def test_unstorable_values_raise_invalid_context_naming_event_and_place(
+    value: object, where: str, what: str
+) -> None:
+    with pytest.raises(InvalidContext) as excinfo:
+        dump_context(value, key="challenge_created_1")
+    message = str(excinfo.value)
+    assert isinstance(excinfo.value, ValueError)
+    assert message.startswith(f"Event 'challenge_created_1': {where} ")
+    assert what in message
+
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=10)
+)
+typed_scalars = (
+    st.dates()
+    | st.datetimes()
+    # Fixed offsets: a zone name (ZoneInfo) comes back as its offset at that instant.
+    | st.datetimes(
+        timezones=st.integers(-23 * 60, 23 * 60).map(
+            lambda minutes: dt.timezone(dt.timedelta(minutes=minutes))
+        )
+    )
+    | st.times()
+    | st.timedeltas()
+    | st.decimals(allow_nan=False, allow_infinity=False)
+    | st.uuids()
+)
+dict_keys = st.sampled_from([TAG, "value", "model", "pk", "a"]) | st.text(max_size=5)
+contexts = st.recursive(
+    json_scalars | typed_scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(dict_keys, children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(contexts)
+def test_storable_contexts_round_trip(value: object) -> None:
+    assert_same(round_trip(value), value)

@@ -1,0 +1,229 @@
+"""A failing handler is isolated, atomic, recorded, logged and signalled (semantic 3)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.db import transaction
+from django.utils import timezone
+
+from spark_decl import Event, event, handles, only_new_events, process_events
+from spark_decl.models import EventRecord, HandlerOutcome
+from spark_decl.registry import Registry, function_name
+from spark_decl.signals import handler_failed
+from tests.conftest import CHALLENGE_HANDLER, logged_keys
+from tests.testapp.models import Challenge, Donation, HandlerLog
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.fixture
+def exploding(isolated_registry: Registry) -> str:
+    """Register a ``^challenge_created$`` handler that writes a row, then raises Boom."""
+
+    @handles(r"^challenge_created$")
+    def explode(event: Event[Any]) -> None:
+        HandlerLog.objects.create(handler="explode", key=event["key"])
+        raise Boom(f"cannot handle {event['key']}")
+
+    return function_name(explode)
+
+
+@pytest.fixture
+def failures() -> Iterator[list[dict[str, Any]]]:
+    received: list[dict[str, Any]] = []
+
+    def receiver(sender: object, **kwargs: Any) -> None:
+        received.append(kwargs)
+
+    handler_failed.connect(receiver)
+    yield received
+    handler_failed.disconnect(receiver)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failing_handler_does_not_stop_the_save_or_the_other_handlers(
+    exploding: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    after: list[str] = []
+
+    # Registered after `explode`, so it runs after the failure.
+    @handles(r"^challenge")
+    def runs_after(event: Event[Any]) -> None:
+        after.append(event["key"])
+
+    before = timezone.now()
+    with caplog.at_level(logging.ERROR, logger="spark_decl"):
+        first = Challenge.objects.create(title="first")
+        second = Challenge.objects.create(title="second")
+    keys = [f"challenge_created_{first.pk}", f"challenge_created_{second.pk}"]
+
+    assert Challenge.objects.count() == 2
+    assert logged_keys() == keys
+    assert after == keys
+    # The failing handler's own write was rolled back.
+    assert logged_keys("explode") == []
+
+    for key in keys:
+        outcome = HandlerOutcome.objects.get(record__key=key, handler=exploding)
+        assert outcome.status == HandlerOutcome.Status.FAILED
+        assert outcome.attempts == 1
+        assert outcome.last_error == f"Boom: cannot handle {key}"
+        assert outcome.traceback.startswith("Traceback (most recent call last):")
+        assert 'raise Boom(f"cannot handle' in outcome.traceback
+        assert outcome.traceback.rstrip().endswith(f"Boom: cannot handle {key}")
+        assert outcome.finished_at is None
+        # The first retry is due at once.
+        assert outcome.next_attempt_at is not None
+        assert before <= outcome.next_attempt_at <= timezone.now()
+        done = HandlerOutcome.objects.filter(record__key=key).exclude(handler=exploding)
+        assert sorted(done.values_list("handler", "status")) == sorted(
+            [(CHALLENGE_HANDLER, "done"), (function_name(runs_after), "done")]
+        )
+
+    logged = [r for r in caplog.records if r.name == "spark_decl"]
+    assert [r.levelno for r in logged] == [logging.ERROR, logging.ERROR]
+    for record, key in zip(logged, keys, strict=True):
+        assert exploding in record.getMessage()
+        assert key in record.getMessage()
+        assert record.exc_info is not None
+        assert isinstance(record.exc_info[1], Boom)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_handler_failed_is_sent_with_event_handler_and_exception(
+    exploding: str, failures: list[dict[str, Any]]
+) -> None:
+    challenge = Challenge.objects.create(title="x")
+    key = f"challenge_created_{challenge.pk}"
+    assert len(failures) == 1
+    assert failures[0]["event"]["key"] == key
+    assert failures[0]["handler"] == exploding
+    assert isinstance(failures[0]["exception"], Boom)
+    assert str(failures[0]["exception"]) == f"cannot handle {key}"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_raising_handler_failed_receiver_is_logged_and_harmless(
+    exploding: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def bad_receiver(sender: object, **kwargs: Any) -> None:
+        raise RuntimeError("receiver broke")
+
+    handler_failed.connect(bad_receiver)
+    try:
+        challenge = Challenge.objects.create(title="x")
+    finally:
+        handler_failed.disconnect(bad_receiver)
+    assert logged_keys() == [f"challenge_created_{challenge.pk}"]
+    assert any(
+        r.exc_info is not None and str(r.exc_info[1]) == "receiver broke" for r in caplog.records
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failure_inside_an_atomic_save_does_not_roll_back_the_save(exploding: str) -> None:
+    with transaction.atomic():
+        challenge = Challenge.objects.create(title="committed")
+    assert Challenge.objects.filter(pk=challenge.pk).exists()
+    assert logged_keys() == [f"challenge_created_{challenge.pk}"]
+    outcome = HandlerOutcome.objects.get(handler=exploding)
+    assert outcome.status == HandlerOutcome.Status.FAILED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_handler_that_breaks_the_database_transaction_is_isolated(
+    isolated_registry: Registry,
+) -> None:
+    @handles(r"^challenge_created$")
+    def integrity_error(event: Event[Any]) -> None:
+        HandlerLog.objects.create(handler="integrity_error", key=event["key"])
+        # A duplicate primary key: the database aborts the statement (and, on PostgreSQL,
+        # the transaction up to the handler's savepoint).
+        first = HandlerLog.objects.get(handler="integrity_error")
+        HandlerLog.objects.create(pk=first.pk, handler="duplicate", key=event["key"])
+
+    challenge = Challenge.objects.create(title="x")
+    second = Challenge.objects.create(title="y")
+    assert logged_keys() == [f"challenge_created_{challenge.pk}", f"challenge_created_{second.pk}"]
+    assert logged_keys("integrity_error") == []
+    failed = HandlerOutcome.objects.filter(handler=function_name(integrity_error))
+    assert [o.status for o in failed] == ["failed", "failed"]
+    assert all(o.last_error.startswith("IntegrityError") for o in failed)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failures_are_isolated_per_event_in_process_events(
+    exploding: str, failures: list[dict[str, Any]]
+) -> None:
+    # process_events without only_new_events: nothing recorded, but still isolated and atomic.
+    process_events([event("challenge_created", 1), event("challenge_created", 2)])
+    assert logged_keys() == ["challenge_created_1", "challenge_created_2"]
+    assert logged_keys("explode") == []
+    assert [f["event"]["key"] for f in failures] == ["challenge_created_1", "challenge_created_2"]
+    assert not HandlerOutcome.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failures_are_isolated_per_event_in_claimed_batches(exploding: str) -> None:
+    process_events(only_new_events([event("challenge_created", 1), event("challenge_created", 2)]))
+    assert logged_keys() == ["challenge_created_1", "challenge_created_2"]
+    statuses = HandlerOutcome.objects.filter(handler=exploding).values_list("status", flat=True)
+    assert list(statuses) == ["failed", "failed"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failing_handler_does_not_stop_the_batch_command(exploding: str) -> None:
+    Challenge.objects.bulk_create([Challenge(title="a"), Challenge(title="b")])
+    out = StringIO()
+    call_command("process_spark_sources", stdout=out)
+    assert (
+        "testapp.Challenge: 2 rows, 2 events, 2 new, 4 handler calls, 2 failed" in out.getvalue()
+    )
+    assert len(logged_keys()) == 2
+    assert HandlerOutcome.objects.filter(status="failed").count() == 2
+    assert HandlerOutcome.objects.filter(status="done").count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_from_a_handler_are_handled_after_it_commits_or_never(
+    isolated_registry: Registry,
+) -> None:
+    order: list[str] = []
+    broken = True
+
+    @handles(r"^donation_received$")
+    def activate_challenge(event: Event[Any]) -> None:
+        challenge = event["context"]["donation"].challenge
+        challenge.is_active = True
+        challenge.save()
+        order.append("activated")
+        if broken:
+            raise Boom("after saving")
+
+    @handles(r"^challenge_created$")
+    def after_activation(event: Event[Any]) -> None:
+        order.append(f"handled {event['key']}")
+
+    challenge = Challenge.objects.create(title="x", is_active=False)
+    key = f"challenge_created_{challenge.pk}"
+    Donation.objects.create(challenge=challenge)
+    # The handler's save and the claim it made were rolled back with it.
+    assert order == ["activated"]
+    challenge.refresh_from_db()
+    assert not challenge.is_active
+    assert not EventRecord.objects.filter(key=key).exists()
+
+    broken = False
+    call_command("retry_spark_events", stdout=StringIO())
+    assert order == ["activated", "activated", f"handled {key}"]
+    assert logged_keys() == [key]
+    challenge.refresh_from_db()
+    assert challenge.is_active
