@@ -4,7 +4,8 @@ Model instances are stored as references (app label, model name, primary key) an
 again when the context is rebuilt. JSON scalars, lists, tuples (rebuilt as lists),
 string-keyed dicts, ``date``, ``datetime``, ``time``, ``timedelta``, ``Decimal`` and ``UUID``
 round-trip to equal values of the same type. Anything else is refused with
-:class:`~spark_decl.exceptions.InvalidContext` when the event is claimed. No pickle.
+:class:`~spark_decl.exceptions.InvalidContext` when the event is claimed, and so are strings
+containing NUL (PostgreSQL's jsonb cannot store them). No pickle.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from .exceptions import InvalidContext, SparkError
 # Tagged values are dicts with this one marker key; user dicts that happen to contain the
 # marker are wrapped so they cannot be mistaken for a tag.
 TAG = "__spark__"
+# SQLite would store it, but PostgreSQL's jsonb cannot: refused on every database alike.
+NUL = "\x00"
+NUL_REASON = "PostgreSQL cannot store NUL (\\x00) in JSON."
 
 
 class ContextUnavailable(SparkError):
@@ -36,7 +40,11 @@ def dump_context(value: object, *, key: str) -> Any:
 
 
 def _dump(value: object, path: str, key: str) -> Any:
-    if value is None or isinstance(value, bool | int | str):
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, str):
+        if NUL in value:
+            raise InvalidContext(f"Event {key!r}: {path} contains a NUL character. {NUL_REASON}")
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -57,6 +65,11 @@ def _dump(value: object, path: str, key: str) -> Any:
             if not isinstance(item_key, str):
                 raise InvalidContext(
                     f"Event {key!r}: {path} has the key {item_key!r}; only str keys can be stored."
+                )
+            if NUL in item_key:
+                raise InvalidContext(
+                    f"Event {key!r}: {path} has the key {item_key!r}, which contains a NUL "
+                    f"character. {NUL_REASON}"
                 )
             items[item_key] = _dump(item, f"{path}[{item_key!r}]", key)
         return {TAG: "dict", "value": items} if TAG in items else items

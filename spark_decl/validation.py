@@ -36,6 +36,11 @@ def validate_event(candidate: object, *, source: str | None = None) -> Event[Any
             )
         if not value:
             raise InvalidEvent(f"Invalid event{origin}: {field!r} must not be empty.")
+        if "\x00" in value:
+            # SQLite would store it, PostgreSQL refuses it with a DataError: refuse it everywhere.
+            raise InvalidEvent(
+                f"Invalid event{origin}: {field!r} contains a NUL character: {_short(value)}."
+            )
         if len(value) > MAX_LENGTH:
             raise InvalidEvent(
                 f"Invalid event{origin}: {field!r} is {len(value)} characters long, "
