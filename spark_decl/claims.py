@@ -27,7 +27,7 @@ from .validation import validate_event
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
-    from django.db.models import Field
+    from django.db.models import Field, Model
 
     from .registry import HandlerSpec
     from .types import Event
@@ -35,17 +35,22 @@ if TYPE_CHECKING:
 E = TypeVar("E", bound="Mapping[str, Any]")
 
 MIN_SQLITE = (3, 35, 0)
-# Rows per INSERT statement: 4 parameters a row stays under SQLite's 999-parameter floor.
-ROWS_PER_STATEMENT = 240
+# Parameters per statement: SQLite's historic floor (999) bounds every supported backend.
+MAX_PARAMETERS = 999
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """Proof that this process claimed ``key``, and which handlers it owes a call."""
+    """Proof that this process claimed a key, and the handler calls it owes.
+
+    ``outcome_ids[i]`` is the :class:`~spark_decl.models.HandlerOutcome` row of
+    ``handlers[i]``.
+    """
 
     record_id: int
     using: str
     handlers: tuple[HandlerSpec, ...]
+    outcome_ids: tuple[int, ...]
 
 
 class ClaimedEvent(dict[str, Any]):
@@ -80,89 +85,163 @@ def claim_events(
     events: Sequence[Event[Any]],
     *,
     using: str = DEFAULT_DB_ALIAS,
-    create_outcomes: bool = True,
+    handlers: bool = True,
 ) -> list[Event[Any]]:
     """Claim the keys of already validated ``events``; return the ones claimed now.
 
     Every context is converted for storage first, so an unstorable context raises before
     anything is written. Duplicate keys within ``events`` keep their first occurrence.
-    The result is in input order.
+    The result is in input order; each returned event is a :class:`ClaimedEvent`.
+    Inside a transaction the claims belong to it: a rollback takes them back.
+    ``handlers=False`` claims the keys without owing any handler call (``--mark-only``).
     """
     first: dict[str, Event[Any]] = {}
     for event in events:
         first.setdefault(event["key"], event)
     if not first:
         return []
-    rows = [
+    records = [
         (key, event["group"], dump_context(event["context"], key=key))
         for key, event in first.items()
     ]
-    from .models import HandlerOutcome
+    from .models import EventRecord, HandlerOutcome
 
     connection = connections[using]
     check_database(connection)
-    with transaction.atomic(using=using):
+    # savepoint=False: the claim and its outcome rows are one unit, and a savepoint per
+    # save would cost more than the claim itself; an error marks the transaction for
+    # rollback instead.
+    with transaction.atomic(using=using, savepoint=False):
         now = timezone.now()
-        claimed = _insert_ignoring_conflicts(connection, rows, now)
+        claimed = {
+            key: pk
+            for pk, key in insert_rows(
+                connection,
+                EventRecord,
+                ("key", "group", "context", "created_at"),
+                [(*record, now) for record in records],
+                returning=("id", "key"),
+                skip_conflicts_on="key",
+            )
+        }
         if not claimed:
             return []
-        result: list[Event[Any]] = []
-        outcomes: list[HandlerOutcome] = []
+        owed: list[tuple[ClaimedEvent, int, tuple[HandlerSpec, ...]]] = []
+        outcome_rows: list[tuple[Any, ...]] = []
         for key, event in first.items():
             record_id = claimed.get(key)
             if record_id is None:
                 continue
-            handlers = registry.handlers_for(event["group"]) if create_outcomes else ()
-            outcomes.extend(
-                HandlerOutcome(record_id=record_id, handler=spec.name, created_at=now)
-                for spec in handlers
+            owes = registry.handlers_for(event["group"]) if handlers else ()
+            outcome_rows.extend((record_id, spec.name, "pending", 0, "", "", now) for spec in owes)
+            owed.append((ClaimedEvent(event), record_id, owes))
+        outcome_ids = {
+            (record_id, handler): pk
+            for pk, record_id, handler in insert_rows(
+                connection,
+                HandlerOutcome,
+                (
+                    "record",
+                    "handler",
+                    "status",
+                    "attempts",
+                    "last_error",
+                    "traceback",
+                    "created_at",
+                ),
+                outcome_rows,
+                returning=("id", "record", "handler"),
             )
-            claimed_event = ClaimedEvent(event)
-            claimed_event.spark_claim = Claim(record_id, using, handlers)
-            result.append(cast("Event[Any]", claimed_event))
-        if outcomes:
-            HandlerOutcome.objects.using(using).bulk_create(outcomes)
+        }
+    result: list[Event[Any]] = []
+    for claimed_event, record_id, owes in owed:
+        ids = tuple(outcome_ids[record_id, spec.name] for spec in owes)
+        claimed_event.spark_claim = Claim(record_id, using, owes, ids)
+        result.append(cast("Event[Any]", claimed_event))
     return result
 
 
-def _insert_ignoring_conflicts(
-    connection: BaseDatabaseWrapper,
-    rows: list[tuple[str, str, Any]],
-    now: Any,
-) -> dict[str, int]:
+def count_new(events: Sequence[Event[Any]], *, using: str = DEFAULT_DB_ALIAS) -> int:
+    """How many distinct keys of ``events`` were never claimed; writes nothing.
+
+    Contexts are still checked for storability, so a dry run finds what a real run
+    would refuse.
+    """
     from .models import EventRecord
 
-    meta = EventRecord._meta
+    keys = {event["key"]: event for event in events}
+    for key, event in keys.items():
+        dump_context(event["context"], key=key)
+    seen = 0
+    ordered = list(keys)
+    for start in range(0, len(ordered), MAX_PARAMETERS):
+        seen += (
+            EventRecord.objects.using(using)
+            .filter(key__in=ordered[start : start + MAX_PARAMETERS])
+            .count()
+        )
+    return len(keys) - seen
+
+
+def parameter_limit(connection: BaseDatabaseWrapper) -> int:
+    """How many parameters one statement may bind on this connection."""
+    if connection.vendor == "sqlite":
+        connection.ensure_connection()
+        limit: int = connection.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        return limit
+    return 65_535  # PostgreSQL's wire protocol counts parameters in 16 bits
+
+
+def insert_rows(
+    connection: BaseDatabaseWrapper,
+    model: type[Model],
+    fields: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    returning: Sequence[str],
+    skip_conflicts_on: str | None = None,
+) -> list[tuple[Any, ...]]:
+    """``INSERT ... [ON CONFLICT (col) DO NOTHING] RETURNING ...`` in as few statements
+    as the database's parameter limit allows; returns the inserted rows' ``returning``
+    columns, in no guaranteed order."""
+    if not rows:
+        return []
+    meta = model._meta
     quote = connection.ops.quote_name
-    key_field, group_field, context_field, created_field = (
-        cast("Field[Any, Any]", meta.get_field(name))
-        for name in ("key", "group", "context", "created_at")
+    model_fields = [cast("Field[Any, Any]", meta.get_field(name)) for name in fields]
+    # Only the JSON and datetime columns need the database's own value conversion.
+    convert = [
+        field.get_db_prep_save
+        if field.get_internal_type() in ("JSONField", "DateTimeField")
+        else None
+        for field in model_fields
+    ]
+    head = (
+        f"INSERT INTO {quote(meta.db_table)} "
+        f"({', '.join(quote(field.column) for field in model_fields)}) VALUES "
     )
-    columns = ", ".join(
-        quote(f.column) for f in (key_field, group_field, context_field, created_field)
+    tail = ""
+    if skip_conflicts_on is not None:
+        column = cast("Field[Any, Any]", meta.get_field(skip_conflicts_on)).column
+        tail += f" ON CONFLICT ({quote(column)}) DO NOTHING"
+    tail += " RETURNING " + ", ".join(
+        quote(cast("Field[Any, Any]", meta.get_field(name)).column) for name in returning
     )
-    head = f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES "
-    tail = (
-        f" ON CONFLICT ({quote(key_field.column)}) DO NOTHING "
-        f"RETURNING {quote(meta.pk.column)}, {quote(key_field.column)}"
-    )
-    created = created_field.get_db_prep_save(now, connection)
-    claimed: dict[str, int] = {}
+    placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    per_statement = max(1, parameter_limit(connection) // len(fields))
+    inserted: list[tuple[Any, ...]] = []
     with connection.cursor() as cursor:
-        for start in range(0, len(rows), ROWS_PER_STATEMENT):
-            batch = rows[start : start + ROWS_PER_STATEMENT]
+        for start in range(0, len(rows), per_statement):
+            batch = rows[start : start + per_statement]
             params: list[Any] = []
-            for key, group, context in batch:
-                params += [
-                    key,
-                    group,
-                    context_field.get_db_prep_save(context, connection),
-                    created,
-                ]
-            values = ", ".join(["(%s, %s, %s, %s)"] * len(batch))
-            cursor.execute(head + values + tail, params)
-            claimed.update((key, pk) for pk, key in cursor.fetchall())
-    return claimed
+            for row in batch:
+                params.extend(
+                    value if prep is None else prep(value, connection)
+                    for value, prep in zip(row, convert, strict=True)
+                )
+            cursor.execute(head + ", ".join([placeholder] * len(batch)) + tail, params)
+            inserted.extend(cursor.fetchall())
+    return inserted
 
 
 def only_new_events(

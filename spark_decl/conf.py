@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 
-DEFAULTS: dict[str, int] = {
+DEFAULTS: dict[str, float] = {
     # A failing handler call is retried this many times in all before it is given up.
     "MAX_ATTEMPTS": 10,
     # The first retry is due at once; later ones wait BACKOFF_SECONDS, doubling each time,
     # capped at BACKOFF_MAX_SECONDS.
     "BACKOFF_SECONDS": 60,
     "BACKOFF_MAX_SECONDS": 3600,
-    # How many events are claimed in one statement / rows read per chunk.
+    # How many rows the batch reads, and events it claims, at a time.
     "CHUNK_SIZE": 500,
+    # Handler calls share a transaction until it has lasted about this long: fast handlers
+    # share one commit, slow ones commit often (a crash rolls back at most this much work,
+    # and SQLite's write lock is never held much longer).
+    "TRANSACTION_SECONDS": 0.5,
 }
 
 
@@ -25,10 +33,15 @@ class SparkSettings:
     BACKOFF_SECONDS: int
     BACKOFF_MAX_SECONDS: int
     CHUNK_SIZE: int
+    TRANSACTION_SECONDS: float
 
 
+@cache
 def get_settings() -> SparkSettings:
-    """Return the effective settings, raising ``ImproperlyConfigured`` on unknown or bad ones."""
+    """Return the effective settings, raising ``ImproperlyConfigured`` on unknown or bad ones.
+
+    Read once and cached; ``override_settings(SPARK_DECL=...)`` clears the cache.
+    """
     user = getattr(settings, "SPARK_DECL", {})
     if not isinstance(user, dict):
         raise ImproperlyConfigured("SPARK_DECL must be a dict.")
@@ -40,8 +53,19 @@ def get_settings() -> SparkSettings:
         )
     values = {**DEFAULTS, **user}
     for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if name == "TRANSACTION_SECONDS":
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ImproperlyConfigured(
+                    f"SPARK_DECL[{name!r}] must be a number of seconds >= 0, got {value!r}."
+                )
+        elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ImproperlyConfigured(
                 f"SPARK_DECL[{name!r}] must be a positive integer, got {value!r}."
             )
     return SparkSettings(**values)
+
+
+@receiver(setting_changed)
+def _reset(*, setting: str, **kwargs: Any) -> None:
+    if setting == "SPARK_DECL":
+        get_settings.cache_clear()

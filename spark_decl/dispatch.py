@@ -1,37 +1,34 @@
-"""Routing events to handlers, running each call in isolation, and the signals.
+"""Routing events to handlers, when they run, and the ``event_dispatched`` signal.
 
-Every handler call runs in its own ``transaction.atomic()``: a handler that raises leaves
-none of its database writes behind, is logged on the ``spark_decl`` logger, and does not
-stop the other handlers or events. For claimed events the call and the update of its
-:class:`~spark_decl.models.HandlerOutcome` commit together, which is what makes a handler
-whose effects are database writes take effect exactly once.
+Handlers run after the transaction that claimed their events commits. Claims made inside a
+caller's transaction (a ``save()`` in ``transaction.atomic()``) are collected per
+connection and dispatched together once it commits, so a transaction of 2,000 saves
+costs one dispatch, not 2,000. Outside a transaction, the claim and the first handler
+calls share one transaction (one commit).
 """
 
 from __future__ import annotations
 
 import logging
-import traceback
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from functools import partial
-from inspect import iscoroutinefunction
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
-from asgiref.sync import async_to_sync
-from django.db import DEFAULT_DB_ALIAS, transaction
-from django.db.models import F
-from django.utils import timezone
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
+from .calls import Call, CallRunner
+from .claims import MAX_PARAMETERS, claim_events
 from .conf import get_settings
 from .registry import registry
-from .signals import event_dispatched, handler_failed
+from .signals import event_dispatched
 from .validation import validate_event
 
 if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
     from .claims import Claim
-    from .registry import HandlerSpec
     from .types import Event
 
 logger = logging.getLogger("spark_decl")
@@ -69,50 +66,92 @@ def process_events(
     chunk_size = get_settings().CHUNK_SIZE
     iterator = iter(events)
     while chunk := list(islice(iterator, chunk_size)):
-        valid = [validate_event(candidate) for candidate in chunk]
-        dispatch_after_commit(valid, using=using)
+        schedule([validate_event(candidate) for candidate in chunk], using=using)
 
 
-def dispatch_after_commit(events: list[Event[Any]], *, using: str) -> DispatchResult | None:
+def schedule(events: list[Event[Any]], *, using: str) -> DispatchResult | None:
     """Dispatch now when not in a transaction, else once it commits (returns ``None``)."""
-    if not events:
-        return DispatchResult()
-    if transaction.get_connection(using).in_atomic_block:
-        transaction.on_commit(partial(dispatch, events), using=using, robust=True)
-        return None
-    return dispatch(events)
+    connection = transaction.get_connection(using)
+    if not connection.in_atomic_block:
+        return dispatch(events, using=using)
+    claimed = [event for event in events if _claim_of(event) is not None]
+    if claimed:
+        pending = _Pending(claimed, using)
+        _queue(connection).append(pending)
+        transaction.on_commit(pending, using=using, robust=True)
+    if len(claimed) < len(events):
+        unclaimed = _Pending([event for event in events if _claim_of(event) is None], using)
+        transaction.on_commit(unclaimed, using=using, robust=True)
+    return None
 
 
-def dispatch(events: Iterable[Event[Any]]) -> DispatchResult:
+def claim_and_dispatch(events: Sequence[Event[Any]], *, using: str) -> tuple[int, DispatchResult]:
+    """Claim ``events`` and run the handlers of those claimed now; return (new, result).
+
+    Inside a transaction the handlers are scheduled for its commit (the result is empty);
+    otherwise the claim and the first handler calls commit together.
+    """
+    connection = transaction.get_connection(using)
+    if connection.in_atomic_block:
+        claimed = claim_events(events, using=using)
+        if claimed:
+            schedule(claimed, using=using)
+        return len(claimed), DispatchResult()
+    runner = CallRunner(using)
+    with transaction.atomic(using=using):
+        claimed = claim_events(events, using=using)
+        calls = _calls(claimed)
+        done = runner.run_segment(calls)
+    return len(claimed), _finish(runner, claimed, calls, done)
+
+
+def dispatch(events: Sequence[Event[Any]], *, using: str = DEFAULT_DB_ALIAS) -> DispatchResult:
     """Run the handlers of ``events`` now, then send ``event_dispatched`` for each."""
-    result = DispatchResult()
+    runner = CallRunner(using)
+    calls = _calls(events)
+    return _finish(runner, events, calls, 0)
+
+
+def _finish(
+    runner: CallRunner, events: Sequence[Event[Any]], calls: Sequence[Call], start: int
+) -> DispatchResult:
+    outcome = runner.run(calls, start)
+    outcome.report()
     for event in events:
-        result.events += 1
-        claim: Claim | None = getattr(event, "spark_claim", None)
-        if claim is not None:
-            handlers = claim.handlers
-            for spec in handlers:
-                outcome = run_recorded(spec, event, record_id=claim.record_id, using=claim.using)
-                _count(result, outcome)
+        send_dispatched(event)
+    return DispatchResult(
+        events=len(events),
+        calls=outcome.succeeded + outcome.failed,
+        failed=outcome.failed,
+        skipped=outcome.skipped,
+    )
+
+
+def _calls(events: Iterable[Event[Any]]) -> list[Call]:
+    calls: list[Call] = []
+    for event in events:
+        claim = _claim_of(event)
+        if claim is None:
+            calls.extend(Call(spec, event) for spec in registry.handlers_for(event["group"]))
         else:
-            handlers = registry.handlers_for(event["group"])
-            for spec in handlers:
-                _count(result, run_unrecorded(spec, event))
-        send_dispatched(event, handlers)
-    return result
+            calls.extend(
+                Call(spec, event, outcome_id)
+                for spec, outcome_id in zip(claim.handlers, claim.outcome_ids, strict=True)
+            )
+    return calls
 
 
-def _count(result: DispatchResult, outcome: bool | None) -> None:
-    if outcome is None:
-        result.skipped += 1
-    else:
-        result.calls += 1
-        result.failed += not outcome
+def _claim_of(event: Event[Any]) -> Claim | None:
+    claim: Claim | None = getattr(event, "spark_claim", None)
+    return claim
 
 
-def send_dispatched(event: Event[Any], handlers: Iterable[HandlerSpec]) -> None:
-    names = [spec.name for spec in handlers]
-    responses = event_dispatched.send_robust(sender=None, event=event, handlers=names)
+def send_dispatched(event: Event[Any]) -> None:
+    claim = _claim_of(event)
+    handlers = claim.handlers if claim is not None else registry.handlers_for(event["group"])
+    responses = event_dispatched.send_robust(
+        sender=None, event=event, handlers=[spec.name for spec in handlers]
+    )
     for receiver, response in responses:
         if isinstance(response, Exception):
             logger.error(
@@ -123,112 +162,79 @@ def send_dispatched(event: Event[Any], handlers: Iterable[HandlerSpec]) -> None:
             )
 
 
-def call_handler(spec: HandlerSpec, event: Event[Any]) -> None:
-    if iscoroutinefunction(spec.function):
-        async_to_sync(spec.function)(event)
-    else:
-        spec.function(event)
+# -- events claimed inside a caller's transaction ---------------------------------------------
 
 
-def run_unrecorded(spec: HandlerSpec, event: Event[Any]) -> bool:
-    """Run one handler call atomically; log failures. Returns whether it succeeded."""
-    try:
-        with transaction.atomic():
-            call_handler(spec, event)
-    except Exception as exc:
-        _report_failure(spec, event, exc)
-        return False
-    return True
+class _Pending:
+    """An ``on_commit`` callback holding the events one claim made inside a transaction.
 
-
-def run_recorded(
-    spec: HandlerSpec,
-    event: Event[Any],
-    *,
-    record_id: int,
-    using: str,
-    expected_attempts: int | None = None,
-) -> bool | None:
-    """Run a claimed handler call together with its outcome row.
-
-    The outcome row is switched to ``done`` first, in the same transaction as the handler:
-    the conditional UPDATE is the lock that keeps two processes from running the same
-    call, and a crash rolls both back, leaving the call pending. Returns ``None`` when the
-    call was not runnable (already done, or taken by another process), else success.
+    Each claim registers its own callback, so Django drops it if the claim's savepoint
+    rolls back. The first callback to run after a commit also takes the events of every
+    callback registered after it (they belong to the same transaction) and dispatches them
+    all at once: one dispatch per transaction instead of one per save. Those later events
+    are checked against the database first, since their savepoint may have rolled back.
     """
-    from .models import HandlerOutcome
 
-    runnable = HandlerOutcome.objects.using(using).filter(
-        record_id=record_id,
-        handler=spec.name,
-        status__in=[HandlerOutcome.Status.PENDING, HandlerOutcome.Status.FAILED],
-    )
-    if expected_attempts is not None:
-        runnable = runnable.filter(attempts=expected_attempts)
-    failure: Exception | None = None
-    with transaction.atomic(using=using):
-        now = timezone.now()
-        taken = runnable.update(
-            status=HandlerOutcome.Status.DONE,
-            attempts=F("attempts") + 1,
-            finished_at=now,
-            next_attempt_at=None,
-        )
-        if not taken:
-            return None
+    __slots__ = ("done", "events", "using")
+    __qualname__ = "spark_decl.dispatch._Pending"
+
+    def __init__(self, events: list[Event[Any]], using: str) -> None:
+        self.events = events
+        self.using = using
+        self.done = False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        queue = _queue(connections[self.using])
         try:
-            with transaction.atomic(using=using):
-                call_handler(spec, event)
-        except Exception as exc:
-            failure = exc
-            outcome = HandlerOutcome.objects.using(using).get(
-                record_id=record_id, handler=spec.name
+            index = next(i for i, entry in enumerate(queue) if entry is self)
+        except StopIteration:
+            batch = [self]
+        else:
+            # Entries before this one never ran (rolled back, or a test captured them
+            # without running them): drop them.
+            batch = queue[index:]
+            del queue[:]
+        for entry in batch:
+            entry.done = True
+        events = self.events
+        if len(batch) > 1:
+            events = events + _committed(
+                [event for entry in batch[1:] for event in entry.events], using=self.using
             )
-            status, next_attempt_at = schedule_after_failure(outcome.attempts, now)
-            outcome.status = status
-            outcome.next_attempt_at = next_attempt_at
-            outcome.finished_at = None
-            outcome.last_error = f"{type(exc).__name__}: {exc}"[:10_000]
-            outcome.traceback = traceback.format_exc()
-            outcome.save(
-                update_fields=[
-                    "status",
-                    "next_attempt_at",
-                    "finished_at",
-                    "last_error",
-                    "traceback",
-                ]
-            )
-    if failure is not None:
-        _report_failure(spec, event, failure)
-        return False
-    return True
+        dispatch(events, using=self.using)
 
 
-def schedule_after_failure(attempts: int, now: datetime) -> tuple[str, datetime | None]:
-    """The status and next due time of a call that has now failed ``attempts`` times."""
-    from .models import HandlerOutcome
-
-    config = get_settings()
-    if attempts >= config.MAX_ATTEMPTS:
-        return HandlerOutcome.Status.GIVEN_UP, None
-    if attempts <= 1:
-        # Someone who fixed the bug and runs retry_spark_events expects it to run now.
-        return HandlerOutcome.Status.FAILED, now
-    delay = min(config.BACKOFF_SECONDS * 2 ** (attempts - 2), config.BACKOFF_MAX_SECONDS)
-    return HandlerOutcome.Status.FAILED, now + timedelta(seconds=delay)
+# Per connection (connections are per thread): the callbacks not yet run, in order.
+_QUEUES: weakref.WeakKeyDictionary[BaseDatabaseWrapper, list[_Pending]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _report_failure(spec: HandlerSpec, event: Event[Any], exc: Exception) -> None:
-    logger.error(
-        "Handler %s failed for event %r (group %r)",
-        spec.name,
-        event["key"],
-        event["group"],
-        exc_info=exc,
-    )
-    for receiver, response in handler_failed.send_robust(
-        sender=None, event=event, handler=spec.name, exception=exc
-    ):
-        if isinstance(response, Exception):
-            logger.error("Receiver %r of handler_failed raised", receiver, exc_info=response)
+def _queue(connection: BaseDatabaseWrapper) -> list[_Pending]:
+    try:
+        return _QUEUES[connection]
+    except KeyError:
+        return _QUEUES.setdefault(connection, [])
+
+
+def _committed(events: list[Event[Any]], *, using: str) -> list[Event[Any]]:
+    """The events whose claims exist: a rolled-back claim is absent, or (SQLite reuses
+    row ids) its id now belongs to another key. The last event per claim wins."""
+    from .models import EventRecord
+
+    by_record: dict[int, Event[Any]] = {}
+    for event in events:
+        claim = _claim_of(event)
+        assert claim is not None
+        by_record[claim.record_id] = event
+    ids = list(by_record)
+    keys: dict[int, str] = {}
+    for start in range(0, len(ids), MAX_PARAMETERS):
+        keys.update(
+            EventRecord.objects.using(using)
+            .filter(pk__in=ids[start : start + MAX_PARAMETERS])
+            .values_list("pk", "key")
+        )
+    return [event for pk, event in by_record.items() if keys.get(pk) == event["key"]]

@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 import re
 import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, cast
+from itertools import chain, islice
+from typing import TYPE_CHECKING, Any
 
 from django.db.models import Q
 from django.utils import timezone
 
+from .calls import PENDING, Call, CallRunner, schedule_after_failure
+from .conf import get_settings
 from .context import ContextUnavailable, load_context
-from .dispatch import run_recorded
 from .registry import registry
+from .sources import iterate_chunks
 
 if TYPE_CHECKING:
     from .models import HandlerOutcome
@@ -62,45 +66,50 @@ def due_outcomes(
     return queryset.select_related("record").order_by("pk")
 
 
-def retry_outcomes(outcomes: Any, *, using: str = "default") -> RetryResult:
-    """Re-run each outcome's handler with the stored (rebuilt) context."""
+def retry_outcomes(outcomes: Iterable[HandlerOutcome], *, using: str = "default") -> RetryResult:
+    """Re-run each outcome's handler with its stored context, rebuilt (model instances
+    fetched again), a chunk at a time."""
     result = RetryResult()
-    for outcome in cast("list[HandlerOutcome]", list(outcomes)):
-        result.due += 1
-        spec = registry.get_handler(outcome.handler)
-        if spec is None:
-            result.unknown_handler += 1
-            logger.warning(
-                "Cannot retry %s for event %r: no handler of that name is registered.",
-                outcome.handler,
-                outcome.record.key,
-            )
-            continue
-        try:
-            context = load_context(outcome.record.context)
-        except ContextUnavailable as exc:
-            _record_unavailable(outcome, exc, using=using)
-            result.failed += 1
-            continue
-        event: Event[Any] = {
-            "group": outcome.record.group,
-            "key": outcome.record.key,
-            "context": context,
-        }
-        ran = run_recorded(
-            spec,
-            event,
-            record_id=outcome.record_id,
-            using=using,
-            expected_attempts=outcome.attempts,
-        )
-        if ran is None:
-            result.skipped += 1
-        elif ran:
-            result.succeeded += 1
-        else:
-            result.failed += 1
+    iterator = iter(outcomes)
+    while chunk := list(islice(iterator, get_settings().CHUNK_SIZE)):
+        calls: list[Call] = []
+        for outcome in chunk:
+            result.due += 1
+            call = _call_for(outcome, result, using=using)
+            if call is not None:
+                calls.append(call)
+        run = CallRunner(using).run(calls)
+        run.report()
+        result.succeeded += run.succeeded
+        result.failed += run.failed
+        result.skipped += run.skipped
     return result
+
+
+def _call_for(outcome: HandlerOutcome, result: RetryResult, *, using: str) -> Call | None:
+    spec = registry.get_handler(outcome.handler)
+    if spec is None:
+        result.unknown_handler += 1
+        logger.warning(
+            "Cannot retry %s for event %r: no handler of that name is registered.",
+            outcome.handler,
+            outcome.record.key,
+        )
+        return None
+    try:
+        context = load_context(outcome.record.context)
+    except ContextUnavailable as exc:
+        _record_unavailable(outcome, exc, using=using)
+        result.failed += 1
+        return None
+    event: Event[Any] = {
+        "group": outcome.record.group,
+        "key": outcome.record.key,
+        "context": context,
+    }
+    if outcome.status == PENDING:
+        return Call(spec, event, outcome.pk)
+    return Call(spec, event, outcome.pk, status=outcome.status, attempts=outcome.attempts)
 
 
 def retry_events(
@@ -121,12 +130,12 @@ def retry_events(
         handler=handler,
         using=using,
     )
-    return retry_outcomes(outcomes, using=using)
+    pages = iterate_chunks(outcomes, get_settings().CHUNK_SIZE)
+    return retry_outcomes(chain.from_iterable(pages), using=using)
 
 
 def _record_unavailable(outcome: HandlerOutcome, exc: Exception, *, using: str) -> None:
     """A call whose context cannot be rebuilt counts as a failed attempt."""
-    from .dispatch import schedule_after_failure
     from .models import HandlerOutcome
 
     now = timezone.now()

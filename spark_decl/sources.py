@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import dataclasses
+import enum
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS
 
-from .claims import claim_events
+from .claims import claim_events, count_new
 from .conf import get_settings
-from .dispatch import DispatchResult, dispatch_after_commit
+from .dispatch import DispatchResult, claim_and_dispatch
+from .exceptions import RegistrationError
 from .registry import registry
 from .validation import validate_event
 
@@ -22,13 +25,21 @@ if TYPE_CHECKING:
 
 
 def events_from(instance: Model, sources: Iterable[SourceSpec]) -> list[Event[Any]]:
-    """Run ``instance`` through ``sources`` and return the validated events."""
+    """Run ``instance`` through ``sources`` and return the validated events.
+
+    An exception from a source carries the source as ``exc.spark_source``.
+    """
     events: list[Event[Any]] = []
     for spec in sources:
-        produced = spec.function(instance)
-        if produced is None:
-            continue
-        events.extend(validate_event(candidate, source=spec.name) for candidate in produced)
+        try:
+            produced = spec.function(instance)
+            if produced is not None:
+                events.extend(
+                    validate_event(candidate, source=spec.name) for candidate in produced
+                )
+        except Exception as exc:
+            exc.spark_source = spec  # type: ignore[attr-defined]
+            raise
     return events
 
 
@@ -49,9 +60,9 @@ def on_post_save(
     sources = registry.save_sources(sender)
     if not sources:
         return
-    claimed = claim_events(events_from(instance, sources), using=using)
-    if claimed:
-        dispatch_after_commit(claimed, using=using)
+    events = events_from(instance, sources)
+    if events:
+        claim_and_dispatch(events, using=using)
 
 
 @dataclass
@@ -61,14 +72,34 @@ class BatchResult:
     rows: int = 0
     events: int = 0
     new: int = 0
+    source_errors: int = 0
     dispatch: DispatchResult = field(default_factory=DispatchResult)
 
     def __iadd__(self, other: BatchResult) -> BatchResult:
         self.rows += other.rows
         self.events += other.events
         self.new += other.new
+        self.source_errors += other.source_errors
         self.dispatch += other.dispatch
         return self
+
+    def copy(self) -> BatchResult:
+        return dataclasses.replace(self, dispatch=dataclasses.replace(self.dispatch))
+
+
+class Mode(enum.Enum):
+    """What a batch does with the events its sources produce."""
+
+    #: Claim the new events and run their handlers.
+    HANDLE = "handle"
+    #: Claim the new events without running any handler (switching spark_decl on over
+    #: existing data without mailing everyone).
+    MARK_ONLY = "mark_only"
+    #: Claim nothing, run nothing; only count what is new.
+    DRY_RUN = "dry_run"
+
+
+SourceErrorHandler = Callable[["Model", "SourceSpec", Exception], None]
 
 
 def iterate_chunks(queryset: QuerySet[Any], chunk_size: int) -> Iterator[list[Any]]:
@@ -93,8 +124,11 @@ def iterate_chunks(queryset: QuerySet[Any], chunk_size: int) -> Iterator[list[An
 def process_queryset(
     queryset: QuerySet[Any],
     *,
-    sources: Sequence[SourceSpec] | None = None,
     chunk_size: int | None = None,
+    mode: Mode = Mode.HANDLE,
+    sources: Sequence[SourceSpec] | None = None,
+    on_source_error: SourceErrorHandler | None = None,
+    on_chunk: Callable[[BatchResult], None] | None = None,
 ) -> BatchResult:
     """Run every instance of ``queryset`` through its model's sources, claim, handle.
 
@@ -104,8 +138,15 @@ def process_queryset(
         Challenge.objects.filter(pk__in=pks).update(end_date=today)
         process_queryset(Challenge.objects.filter(pk__in=pks))
 
-    Every source of the model runs, including ``on_save=False`` ones. Inside a transaction
-    the handlers run after it commits.
+    Every source of the model runs, including ``on_save=False`` ones. Rows are read
+    ``chunk_size`` at a time in primary-key order (memory stays bounded by the chunk) and
+    each chunk's events are claimed with a few statements. Inside a transaction the
+    handlers run after it commits.
+
+    A source that raises (including :class:`~spark_decl.exceptions.InvalidEvent`) stops
+    the run, unless ``on_source_error`` is given: then it is called with the instance, the
+    source and the exception, that instance's events are skipped, and the run goes on.
+    ``on_chunk`` is called with the running totals after each chunk.
     """
     if sources is None:
         sources = registry.sources(queryset.model)
@@ -115,25 +156,70 @@ def process_queryset(
     if not sources:
         return result
     for rows in iterate_chunks(queryset, size):
-        events = [event for row in rows for event in events_from(row, sources)]
+        events: list[Event[Any]] = []
+        for row in rows:
+            try:
+                events.extend(events_from(row, sources))
+            except Exception as exc:
+                if on_source_error is None:
+                    raise
+                result.source_errors += 1
+                on_source_error(row, _failing_source(exc, sources), exc)
         result.rows += len(rows)
         result.events += len(events)
-        claimed = claim_events(events, using=using)
-        result.new += len(claimed)
-        if claimed:
-            dispatched = dispatch_after_commit(claimed, using=using)
-            if dispatched is not None:
-                result.dispatch += dispatched
+        if mode is Mode.DRY_RUN:
+            result.new += count_new(events, using=using)
+        elif mode is Mode.MARK_ONLY:
+            result.new += len(claim_events(events, using=using, handlers=False))
+        else:
+            new, dispatched = claim_and_dispatch(events, using=using)
+            result.new += new
+            result.dispatch += dispatched
+        if on_chunk is not None:
+            on_chunk(result)
     return result
 
 
-def process_model(model: type[Model], *, chunk_size: int | None = None) -> BatchResult:
-    """Run the batch for one registered model, source by source with its own queryset."""
+def _failing_source(exc: Exception, sources: Sequence[SourceSpec]) -> SourceSpec:
+    source: SourceSpec | None = getattr(exc, "spark_source", None)
+    return source if source is not None else sources[0]
+
+
+def process_model(
+    model: type[Model],
+    *,
+    chunk_size: int | None = None,
+    mode: Mode = Mode.HANDLE,
+    on_source_error: SourceErrorHandler | None = None,
+    on_chunk: Callable[[BatchResult], None] | None = None,
+) -> BatchResult:
+    """Run the batch for one registered model: each group of sources sharing a
+    ``queryset=`` restriction scans that queryset (default: the default manager)."""
     result = BatchResult()
     by_queryset: dict[Any, list[SourceSpec]] = {}
     for spec in registry.sources(model):
         by_queryset.setdefault(spec.queryset, []).append(spec)
     for factory, specs in by_queryset.items():
         queryset = factory() if factory is not None else model._default_manager.all()
-        result += process_queryset(queryset, sources=specs, chunk_size=chunk_size)
+        if queryset.model is not model:
+            raise RegistrationError(
+                f"queryset= of {specs[0].name} returned a queryset of "
+                f"{queryset.model._meta.label}, not of {model._meta.label}."
+            )
+        before = result.copy()
+
+        def progress(totals: BatchResult, before: BatchResult = before) -> None:
+            assert on_chunk is not None
+            combined = before.copy()
+            combined += totals
+            on_chunk(combined)
+
+        result += process_queryset(
+            queryset,
+            chunk_size=chunk_size,
+            mode=mode,
+            sources=specs,
+            on_source_error=on_source_error,
+            on_chunk=progress if on_chunk is not None else None,
+        )
     return result

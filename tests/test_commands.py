@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from io import StringIO
 
 import pytest
@@ -15,9 +16,10 @@ from tests.testapp.models import Challenge, Donation
 
 
 def process(*args: str) -> str:
+    """The command's output at verbosity 2 (a line per model), minus the timing."""
     out = StringIO()
-    call_command("process_spark_sources", *args, stdout=out)
-    return out.getvalue()
+    call_command("process_spark_sources", "--verbosity", "2", *args, stdout=out)
+    return re.sub(r" in [0-9.]+s$", "", out.getvalue(), flags=re.MULTILINE)
 
 
 @pytest.fixture
@@ -40,8 +42,9 @@ def test_processes_every_registered_model_then_nothing_new(
     assert logged_keys() == saved
 
     assert process() == (
-        "testapp.Challenge: 2 rows, 3 events, 2 new, 2 handler calls, 0 failed\n"
-        "testapp.Donation: 1 rows, 1 events, 0 new, 0 handler calls, 0 failed\n"
+        "testapp.Challenge: 2 rows, 3 events, 2 new, 2 handled, 0 failed\n"
+        "testapp.Donation: 1 rows, 1 events, 0 new, 0 handled, 0 failed\n"
+        "3 rows, 4 events, 2 new, 2 handled, 0 failed\n"
     )
     assert logged_keys() == [
         *saved,
@@ -51,8 +54,9 @@ def test_processes_every_registered_model_then_nothing_new(
     assert logged_keys("log_donation") == [f"donation_received_{donation.pk}"]
 
     assert process() == (
-        "testapp.Challenge: 2 rows, 3 events, 0 new, 0 handler calls, 0 failed\n"
-        "testapp.Donation: 1 rows, 1 events, 0 new, 0 handler calls, 0 failed\n"
+        "testapp.Challenge: 2 rows, 3 events, 0 new, 0 handled, 0 failed\n"
+        "testapp.Donation: 1 rows, 1 events, 0 new, 0 handled, 0 failed\n"
+        "3 rows, 4 events, 0 new, 0 handled, 0 failed\n"
     )
     assert len(logged_keys()) == 3
     assert EventRecord.objects.count() == 4
@@ -64,14 +68,16 @@ def test_model_restricts_the_run_and_is_repeatable() -> None:
     Donation.objects.bulk_create([Donation(challenge=challenge)])
 
     assert process("--model", "testapp.Challenge") == (
-        "testapp.Challenge: 1 rows, 0 events, 0 new, 0 handler calls, 0 failed\n"
+        "testapp.Challenge: 1 rows, 0 events, 0 new, 0 handled, 0 failed\n"
+        "1 rows, 0 events, 0 new, 0 handled, 0 failed\n"
     )
     assert logged_keys("log_donation") == []
 
     output = process("--model", "testapp.Donation", "--model", "testapp.Challenge")
     assert output.splitlines() == [
-        "testapp.Donation: 1 rows, 1 events, 1 new, 1 handler calls, 0 failed",
-        "testapp.Challenge: 1 rows, 0 events, 0 new, 0 handler calls, 0 failed",
+        "testapp.Donation: 1 rows, 1 events, 1 new, 1 handled, 0 failed",
+        "testapp.Challenge: 1 rows, 0 events, 0 new, 0 handled, 0 failed",
+        "2 rows, 1 events, 1 new, 1 handled, 0 failed",
     ]
     assert len(logged_keys("log_donation")) == 1
 

@@ -8,11 +8,18 @@ from io import StringIO
 from typing import Any
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import transaction
 from pytest_django import DjangoCaptureOnCommitCallbacks
 
-from spark_decl import Event, event, event_source, only_new_events, process_events
+from spark_decl import (
+    Event,
+    event,
+    event_source,
+    only_new_events,
+    process_events,
+    process_queryset,
+)
 from spark_decl.exceptions import InvalidEvent, SparkError
 from spark_decl.models import EventRecord
 from spark_decl.registry import Registry, function_name
@@ -192,6 +199,16 @@ def test_the_batch_command_reports_the_source_of_a_bad_event(
 ) -> None:
     Challenge.objects.bulk_create([Challenge(title="a"), Challenge(title="b")])
     source = _bad_source({"group": "g", "key": ""})
-    with pytest.raises(InvalidEvent, match=source):
+    with pytest.raises(CommandError, match=f"2 instance.*{source}.*'key' must not be empty"):
         call_command("process_spark_sources", stdout=StringIO())
+    assert not EventRecord.objects.exists()
+
+
+def test_process_queryset_raises_the_bad_event_itself(
+    transactional_db: None, isolated_registry: Registry
+) -> None:
+    Challenge.objects.bulk_create([Challenge(title="a")])
+    source = _bad_source({"group": "g", "key": ""})
+    with pytest.raises(InvalidEvent, match=source):
+        process_queryset(Challenge.objects.all())
     assert not EventRecord.objects.exists()

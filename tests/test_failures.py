@@ -184,9 +184,7 @@ def test_a_failing_handler_does_not_stop_the_batch_command(exploding: str) -> No
     Challenge.objects.bulk_create([Challenge(title="a"), Challenge(title="b")])
     out = StringIO()
     call_command("process_spark_sources", stdout=out)
-    assert (
-        "testapp.Challenge: 2 rows, 2 events, 2 new, 4 handler calls, 2 failed" in out.getvalue()
-    )
+    assert out.getvalue().startswith("2 rows, 2 events, 2 new, 4 handled, 2 failed in ")
     assert len(logged_keys()) == 2
     assert HandlerOutcome.objects.filter(status="failed").count() == 2
     assert HandlerOutcome.objects.filter(status="done").count() == 2

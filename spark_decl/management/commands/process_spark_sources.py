@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import time
+from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
 
 from spark_decl.registry import registry
-from spark_decl.sources import process_model
+from spark_decl.sources import BatchResult, Mode, process_model
+
+if TYPE_CHECKING:
+    from django.db.models import Model
+
+    from spark_decl.registry import SourceSpec
+
+logger = logging.getLogger("spark_decl")
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(value)
+    return number
 
 
 class Command(BaseCommand):
@@ -25,28 +41,138 @@ class Command(BaseCommand):
             metavar="app_label.Model",
             help="Only process this model (repeatable).",
         )
+        parser.add_argument(
+            "--chunk-size",
+            type=positive_int,
+            default=None,
+            metavar="N",
+            help="Rows read and events claimed at a time (default: SPARK_DECL['CHUNK_SIZE']).",
+        )
+        mode = parser.add_mutually_exclusive_group()
+        mode.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="Report what would be produced and how many events are new; claim nothing, "
+            "run nothing.",
+        )
+        mode.add_argument(
+            "--mark-only",
+            action="store_true",
+            help="Claim the new events without running any handler: switch spark_decl on "
+            "over existing data without mailing everyone about the past.",
+        )
+        parser.add_argument(
+            "--quiet", action="store_true", help="Print nothing unless something failed."
+        )
 
-    def handle(self, *args: Any, models: list[str] | None = None, **options: Any) -> None:
-        registered = registry.models()
-        if models:
-            selected = []
-            for label in models:
-                try:
-                    model = apps.get_model(label)
-                except (LookupError, ValueError) as exc:
-                    raise CommandError(f"Unknown model {label!r}: {exc}") from exc
-                if model not in registered:
-                    known = ", ".join(m._meta.label for m in registered) or "none"
-                    raise CommandError(
-                        f"{model._meta.label} has no event sources (models with sources: {known})."
-                    )
-                selected.append(model)
-        else:
-            selected = registered
+    def handle(
+        self,
+        *args: Any,
+        models: list[str] | None,
+        chunk_size: int | None,
+        dry_run: bool,
+        mark_only: bool,
+        quiet: bool,
+        verbosity: int,
+        **options: Any,
+    ) -> None:
+        selected = self.select(models)
+        mode = Mode.DRY_RUN if dry_run else Mode.MARK_ONLY if mark_only else Mode.HANDLE
+        errors: list[str] = []
+
+        def on_source_error(instance: Model, source: SourceSpec, exc: Exception) -> None:
+            message = f"{source.name} failed for {instance._meta.label} pk={instance.pk}: {exc}"
+            errors.append(message)
+            logger.error("Source %s", message, exc_info=exc)
+
+        progress = Progress(self.stderr) if not quiet and self.stderr.isatty() else None
+        started = time.monotonic()
+        total = BatchResult()
         for model in selected:
-            result = process_model(model)
-            self.stdout.write(
-                f"{model._meta.label}: {result.rows} rows, {result.events} events, "
-                f"{result.new} new, {result.dispatch.calls} handler calls, "
-                f"{result.dispatch.failed} failed"
+            if progress is not None:
+                progress.start(model)
+            result = process_model(
+                model,
+                chunk_size=chunk_size,
+                mode=mode,
+                on_source_error=on_source_error,
+                on_chunk=progress.update if progress is not None else None,
             )
+            if progress is not None:
+                progress.finish()
+            total += result
+            if verbosity >= 2 and not quiet:
+                self.stdout.write(f"{model._meta.label}: {describe(result, mode)}")
+        elapsed = time.monotonic() - started
+        if not quiet:
+            self.stdout.write(f"{describe(total, mode)} in {elapsed:.2f}s")
+        if errors:
+            raise CommandError(
+                f"{len(errors)} instance(s) skipped because a source raised; the first: "
+                f"{errors[0]}"
+            )
+        if total.dispatch.failed and quiet:
+            self.stderr.write(f"{total.dispatch.failed} handler call(s) failed.")
+
+    def select(self, labels: list[str] | None) -> list[type[Model]]:
+        registered = registry.models()
+        if not labels:
+            return registered
+        selected = []
+        for label in labels:
+            try:
+                model = apps.get_model(label)
+            except (LookupError, ValueError) as exc:
+                raise CommandError(f"Unknown model {label!r}: {exc}") from exc
+            if model not in registered:
+                known = ", ".join(m._meta.label for m in registered) or "none"
+                raise CommandError(
+                    f"{model._meta.label} has no event sources (models with sources: {known})."
+                )
+            selected.append(model)
+        return selected
+
+
+def describe(result: BatchResult, mode: Mode) -> str:
+    text = f"{result.rows} rows, {result.events} events, {result.new} new"
+    if mode is Mode.DRY_RUN:
+        return f"{text} (dry run: nothing claimed, nothing run)"
+    if mode is Mode.MARK_ONLY:
+        return f"{text} (claimed without running handlers)"
+    return f"{text}, {result.dispatch.calls} handled, {result.dispatch.failed} failed"
+
+
+class Progress:
+    """One status line per model, redrawn in place on a terminal."""
+
+    def __init__(self, stream: OutputWrapper) -> None:
+        self.stream = stream
+        self.label = ""
+        self.total = 0
+        self.started = 0.0
+
+    def start(self, model: type[Model]) -> None:
+        self.label = model._meta.label
+        # Only the default manager's count: a queryset= restriction may scan fewer rows.
+        self.total = model._default_manager.count()
+        self.started = time.monotonic()
+        self.update(BatchResult())
+
+    def update(self, result: BatchResult) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = result.rows / elapsed
+        remaining = max(self.total - result.rows, 0)
+        eta = f"{remaining / rate:.0f}s" if rate and remaining else "-"
+        share = result.rows / self.total if self.total else 1.0
+        bar = "#" * int(share * 20)
+        self.stream.write(
+            f"\r{self.label} [{bar:<20}] {result.rows}/{self.total} rows, "
+            f"{result.events} events, {result.new} new, {result.dispatch.calls} handled, "
+            f"{result.dispatch.failed} failed, {rate:.0f} rows/s, ETA {eta}\033[K",
+            ending="",
+        )
+        self.stream.flush()
+
+    def finish(self) -> None:
+        self.stream.write("")
+        self.stream.flush()

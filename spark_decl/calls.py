@@ -1,0 +1,300 @@
+"""Running handler calls: each call atomic and isolated, many calls per transaction.
+
+A call runs inside a savepoint, so a handler that raises leaves none of its writes behind
+and the calls around it are unaffected. Calls are grouped into transactions that last
+about ``SPARK_DECL["TRANSACTION_SECONDS"]``: fast handlers share one commit (one fsync on
+SQLite) instead of paying one each, while slow ones (mail, webhooks) commit about that
+often, which bounds both how long a write lock is held and how much work a crash can
+roll back.
+
+A recorded call (one with a :class:`~spark_decl.models.HandlerOutcome` row) is *taken*
+first: a conditional ``UPDATE`` moves its row from ``pending`` (or ``failed``) to ``done``
+in the same transaction as the handler. That update is the lock that keeps two processes
+from running one call, and a crash rolls it back with the handler's writes, leaving the
+call pending for ``retry_spark_events``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from inspect import iscoroutinefunction
+from typing import TYPE_CHECKING, Any, cast
+
+from asgiref.sync import async_to_sync
+from django.db import connections, transaction
+from django.db.transaction import Atomic, TransactionManagementError
+from django.utils import timezone
+
+from .conf import get_settings
+from .signals import handler_failed
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.models import Field
+
+    from .registry import HandlerSpec
+    from .types import Event
+
+logger = logging.getLogger("spark_decl")
+
+PENDING, DONE, FAILED, GIVEN_UP = "pending", "done", "failed", "given_up"
+# Calls are taken a group at a time (one UPDATE); a transaction ends only between groups.
+MAX_GROUP_SIZE = 900  # parameters stay under SQLite's historic 999
+
+
+@dataclass(slots=True)
+class Call:
+    """One handler to run for one event; ``outcome_id`` is ``None`` for unrecorded calls."""
+
+    spec: HandlerSpec
+    event: Event[Any]
+    outcome_id: int | None = None
+    # For retries: the call is only taken if its row still has this status and attempts.
+    status: str = PENDING
+    attempts: int | None = None
+
+
+@dataclass
+class Failure:
+    call: Call
+    exception: Exception
+
+
+@dataclass
+class RunResult:
+    """What running a list of calls did, plus the failures to report after commit."""
+
+    succeeded: int = 0
+    failed: int = 0
+    skipped: int = 0
+    failures: list[Failure] = field(default_factory=list)
+
+    def report(self) -> None:
+        """Log each failure and send ``handler_failed``; call once the transaction is over."""
+        for failure in self.failures:
+            report_failure(failure.call.spec, failure.call.event, failure.exception)
+        self.failures = []
+
+
+def call_handler(spec: HandlerSpec, event: Event[Any]) -> None:
+    if iscoroutinefunction(spec.function):
+        async_to_sync(spec.function)(event)
+    else:
+        spec.function(event)
+
+
+class CallRunner:
+    """Runs calls on one database alias, a transaction at a time."""
+
+    def __init__(self, using: str) -> None:
+        self.using = using
+        self.connection = connections[using]
+        self.result = RunResult()
+        self._budget = get_settings().TRANSACTION_SECONDS
+        self._block = transaction.Atomic(using, savepoint=True, durable=False)
+
+    def run(self, calls: Sequence[Call], start: int = 0) -> RunResult:
+        """Run ``calls[start:]`` in order, committing about every ``TRANSACTION_SECONDS``."""
+        index = start
+        while index < len(calls):
+            with transaction.atomic(using=self.using):
+                index = self.run_segment(calls, index)
+        return self.result
+
+    def run_segment(self, calls: Sequence[Call], index: int = 0) -> int:
+        """Inside an open transaction, run calls from ``index`` until the time budget is
+        spent; return the index of the first call not run.
+
+        Calls are taken a group at a time. The first group is one call; the next is sized
+        from the time per call so far to fill what is left of the budget, so fast handlers
+        are taken with a few statements per chunk and slow ones still commit on time.
+        """
+        started = time.monotonic()
+        group_size = 1
+        cursor = self.connection.connection.cursor()
+        try:
+            while index < len(calls):
+                group = calls[index : index + group_size]
+                group_started = time.monotonic()
+                taken = self._take(group)
+                for call in group:
+                    self._run_one(call, taken, cursor)
+                index += len(group)
+                now = time.monotonic()
+                left = self._budget - (now - started)
+                if left <= 0:
+                    break
+                per_call = max((now - group_started) / len(group), 1e-6)
+                group_size = max(1, min(MAX_GROUP_SIZE, int(left / per_call)))
+        finally:
+            cursor.close()
+        return index
+
+    def _run_one(self, call: Call, taken: dict[int, int], cursor: Any) -> None:
+        attempts = 0
+        if call.outcome_id is not None:
+            if call.outcome_id not in taken:
+                self.result.skipped += 1
+                return
+            attempts = taken[call.outcome_id]
+        try:
+            with savepoint(self.connection, cursor, self._block):
+                call_handler(call.spec, call.event)
+        except Exception as exc:
+            self.result.failed += 1
+            self.result.failures.append(Failure(call, exc))
+            if call.outcome_id is not None:
+                record_failure(call.outcome_id, attempts, exc, using=self.using)
+        else:
+            self.result.succeeded += 1
+
+    def _take(self, group: Sequence[Call]) -> dict[int, int]:
+        """Mark the group's recorded calls done (if still runnable); return id -> attempts.
+
+        Fresh calls (pending, any attempts) are taken with one statement; retries of failed
+        calls one at a time, each only if its attempts are still what the caller saw.
+        """
+        fresh = [c.outcome_id for c in group if c.outcome_id is not None and c.attempts is None]
+        taken = take_outcomes(self.connection, fresh, status=PENDING) if fresh else {}
+        for call in group:
+            if call.outcome_id is not None and call.attempts is not None:
+                taken.update(
+                    take_outcomes(
+                        self.connection,
+                        [call.outcome_id],
+                        status=call.status,
+                        attempts=call.attempts,
+                    )
+                )
+        return taken
+
+
+@contextmanager
+def savepoint(connection: BaseDatabaseWrapper, cursor: Any, block: Atomic) -> Iterator[None]:
+    """``transaction.atomic()`` for one handler call inside an open transaction.
+
+    It keeps Django's bookkeeping exactly as a nested ``Atomic`` does (``savepoint_ids``,
+    so ``on_commit`` callbacks registered by a failing handler are dropped;
+    ``atomic_blocks``; ``needs_rollback``), but sends the three SAVEPOINT statements on
+    one DB-API cursor reused for the whole segment: Django opens a cursor wrapper per
+    statement, which made savepoints the largest cost of a batch. ``block`` is the
+    ``Atomic`` that stands for it in ``connection.atomic_blocks``.
+    """
+    if connection.needs_rollback:
+        raise TransactionManagementError(
+            "spark_decl: the transaction is marked for rollback; cannot run a handler."
+        )
+    connection.savepoint_state += 1
+    sid = f"spark_decl_{connection.savepoint_state}"
+    cursor.execute(f"SAVEPOINT {sid}")
+    connection.savepoint_ids.append(sid)
+    connection.atomic_blocks.append(block)
+    try:
+        yield
+    except BaseException:
+        _rollback_to(connection, cursor, sid)
+        raise
+    else:
+        if transaction.get_rollback(connection.alias):
+            # The handler swallowed a database error (or called set_rollback(True)):
+            # its writes cannot be trusted, so the call counts as failed.
+            _rollback_to(connection, cursor, sid)
+            raise TransactionManagementError(
+                "The handler left the transaction marked for rollback (it caught a "
+                "database error or called transaction.set_rollback(True)); its writes "
+                "were rolled back."
+            )
+        connection.atomic_blocks.pop()
+        connection.savepoint_ids.pop()
+        cursor.execute(f"RELEASE SAVEPOINT {sid}")
+
+
+def _rollback_to(connection: BaseDatabaseWrapper, cursor: Any, sid: str) -> None:
+    connection.atomic_blocks.pop()
+    connection.savepoint_ids.pop()
+    connection.needs_rollback = False
+    cursor.execute(f"ROLLBACK TO SAVEPOINT {sid}")
+    cursor.execute(f"RELEASE SAVEPOINT {sid}")
+    connection.run_on_commit = [entry for entry in connection.run_on_commit if sid not in entry[0]]
+
+
+def take_outcomes(
+    connection: BaseDatabaseWrapper,
+    ids: Sequence[int],
+    *,
+    status: str,
+    attempts: int | None = None,
+) -> dict[int, int]:
+    """Move runnable outcome rows to ``done``; return ``{id: attempts}`` of those taken."""
+    from .models import HandlerOutcome
+
+    meta = HandlerOutcome._meta
+    quote = connection.ops.quote_name
+    fields = {
+        name: cast("Field[Any, Any]", meta.get_field(name))
+        for name in ("id", "status", "attempts", "finished_at", "next_attempt_at")
+    }
+    column = {name: quote(field.column) for name, field in fields.items()}
+    now = fields["finished_at"].get_db_prep_save(timezone.now(), connection)
+    placeholders = ", ".join(["%s"] * len(ids))
+    sql = (
+        f"UPDATE {quote(meta.db_table)} SET {column['status']} = %s, "
+        f"{column['attempts']} = {column['attempts']} + 1, {column['finished_at']} = %s, "
+        f"{column['next_attempt_at']} = NULL "
+        f"WHERE {column['id']} IN ({placeholders}) AND {column['status']} = %s"
+    )
+    params: list[Any] = [DONE, now, *ids, status]
+    if attempts is not None:
+        sql += f" AND {column['attempts']} = %s"
+        params.append(attempts)
+    sql += f" RETURNING {column['id']}, {column['attempts']}"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return dict(cursor.fetchall())
+
+
+def record_failure(outcome_id: int, attempts: int, exc: Exception, *, using: str) -> None:
+    """Store a failed call: status, error, traceback and when it is due again."""
+    from .models import HandlerOutcome
+
+    status, next_attempt_at = schedule_after_failure(attempts, timezone.now())
+    HandlerOutcome.objects.using(using).filter(pk=outcome_id).update(
+        status=status,
+        next_attempt_at=next_attempt_at,
+        finished_at=None,
+        last_error=f"{type(exc).__name__}: {exc}"[:10_000],
+        traceback="".join(traceback.format_exception(exc)),
+    )
+
+
+def schedule_after_failure(attempts: int, now: datetime) -> tuple[str, datetime | None]:
+    """The status and next due time of a call that has now failed ``attempts`` times."""
+    config = get_settings()
+    if attempts >= config.MAX_ATTEMPTS:
+        return GIVEN_UP, None
+    if attempts <= 1:
+        # Someone who fixed the bug and runs retry_spark_events expects it to run now.
+        return FAILED, now
+    delay = min(config.BACKOFF_SECONDS * 2 ** (attempts - 2), config.BACKOFF_MAX_SECONDS)
+    return FAILED, now + timedelta(seconds=delay)
+
+
+def report_failure(spec: HandlerSpec, event: Event[Any], exc: Exception) -> None:
+    logger.error(
+        "Handler %s failed for event %r (group %r)",
+        spec.name,
+        event["key"],
+        event["group"],
+        exc_info=exc,
+    )
+    for receiver, response in handler_failed.send_robust(
+        sender=None, event=event, handler=spec.name, exception=exc
+    ):
+        if isinstance(response, Exception):
+            logger.error("Receiver %r of handler_failed raised", receiver, exc_info=response)
