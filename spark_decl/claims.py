@@ -100,26 +100,33 @@ def claim_events(
         first.setdefault(event["key"], event)
     if not first:
         return []
-    records = [
-        (key, event["group"], dump_context(event["context"], key=key))
-        for key, event in first.items()
-    ]
     from .models import EventRecord, HandlerOutcome
 
     connection = connections[using]
     check_database(connection)
+    to_db = EventRecord._meta.get_field("context").get_db_prep_save
+    now = timezone.now()
+    created_at = EventRecord._meta.get_field("created_at").get_db_prep_save(now, connection)
+    records = [
+        (
+            key,
+            event["group"],
+            to_db(dump_context(event["context"], key=key), connection),
+            created_at,
+        )
+        for key, event in first.items()
+    ]
     # savepoint=False: the claim and its outcome rows are one unit, and a savepoint per
     # save would cost more than the claim itself; an error marks the transaction for
     # rollback instead.
     with transaction.atomic(using=using, savepoint=False):
-        now = timezone.now()
         claimed = {
             key: pk
             for pk, key in insert_rows(
                 connection,
                 EventRecord,
                 ("key", "group", "context", "created_at"),
-                [(*record, now) for record in records],
+                records,
                 returning=("id", "key"),
                 skip_conflicts_on="key",
             )
@@ -133,7 +140,9 @@ def claim_events(
             if record_id is None:
                 continue
             owes = registry.handlers_for(event["group"]) if handlers else ()
-            outcome_rows.extend((record_id, spec.name, "pending", 0, "", "", now) for spec in owes)
+            outcome_rows.extend(
+                (record_id, spec.name, "pending", 0, "", "", created_at) for spec in owes
+            )
             owed.append((ClaimedEvent(event), record_id, owes))
         outcome_ids = {
             (record_id, handler): pk
@@ -161,26 +170,18 @@ def claim_events(
     return result
 
 
-def count_new(events: Sequence[Event[Any]], *, using: str = DEFAULT_DB_ALIAS) -> int:
-    """How many distinct keys of ``events`` were never claimed; writes nothing.
-
-    Contexts are still checked for storability, so a dry run finds what a real run
-    would refuse.
-    """
+def seen_keys(keys: Sequence[str], *, using: str = DEFAULT_DB_ALIAS) -> set[str]:
+    """The subset of ``keys`` that were claimed before (one query per 999 keys)."""
     from .models import EventRecord
 
-    keys = {event["key"]: event for event in events}
-    for key, event in keys.items():
-        dump_context(event["context"], key=key)
-    seen = 0
-    ordered = list(keys)
-    for start in range(0, len(ordered), MAX_PARAMETERS):
-        seen += (
+    seen: set[str] = set()
+    for start in range(0, len(keys), MAX_PARAMETERS):
+        seen.update(
             EventRecord.objects.using(using)
-            .filter(key__in=ordered[start : start + MAX_PARAMETERS])
-            .count()
+            .filter(key__in=keys[start : start + MAX_PARAMETERS])
+            .values_list("key", flat=True)
         )
-    return len(keys) - seen
+    return seen
 
 
 def parameter_limit(connection: BaseDatabaseWrapper) -> int:
@@ -203,19 +204,13 @@ def insert_rows(
 ) -> list[tuple[Any, ...]]:
     """``INSERT ... [ON CONFLICT (col) DO NOTHING] RETURNING ...`` in as few statements
     as the database's parameter limit allows; returns the inserted rows' ``returning``
-    columns, in no guaranteed order."""
+    columns, in no guaranteed order. Values must be ready for the database (JSON and
+    datetime values through their field's ``get_db_prep_save``)."""
     if not rows:
         return []
     meta = model._meta
     quote = connection.ops.quote_name
     model_fields = [cast("Field[Any, Any]", meta.get_field(name)) for name in fields]
-    # Only the JSON and datetime columns need the database's own value conversion.
-    convert = [
-        field.get_db_prep_save
-        if field.get_internal_type() in ("JSONField", "DateTimeField")
-        else None
-        for field in model_fields
-    ]
     head = (
         f"INSERT INTO {quote(meta.db_table)} "
         f"({', '.join(quote(field.column) for field in model_fields)}) VALUES "
@@ -233,12 +228,7 @@ def insert_rows(
     with connection.cursor() as cursor:
         for start in range(0, len(rows), per_statement):
             batch = rows[start : start + per_statement]
-            params: list[Any] = []
-            for row in batch:
-                params.extend(
-                    value if prep is None else prep(value, connection)
-                    for value, prep in zip(row, convert, strict=True)
-                )
+            params = [value for row in batch for value in row]
             cursor.execute(head + ", ".join([placeholder] * len(batch)) + tail, params)
             inserted.extend(cursor.fetchall())
     return inserted

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS
 
-from .claims import claim_events, count_new
+from .claims import claim_events, seen_keys
 from .conf import get_settings
+from .context import dump_context
 from .dispatch import DispatchResult, claim_and_dispatch
 from .exceptions import RegistrationError
 from .registry import registry
@@ -167,12 +168,19 @@ def process_queryset(
                 on_source_error(row, _failing_source(exc, sources), exc)
         result.rows += len(rows)
         result.events += len(events)
+        # Events whose keys were claimed before are dropped with one read, so a re-run
+        # costs a SELECT per chunk instead of conversions and conflicting INSERTs; the
+        # INSERT ... ON CONFLICT still decides races with other workers.
+        seen = seen_keys([event["key"] for event in events], using=using)
+        unseen = [event for event in events if event["key"] not in seen]
         if mode is Mode.DRY_RUN:
-            result.new += count_new(events, using=using)
+            for event in unseen:
+                dump_context(event["context"], key=event["key"])  # what a real run refuses
+            result.new += len({event["key"] for event in unseen})
         elif mode is Mode.MARK_ONLY:
-            result.new += len(claim_events(events, using=using, handlers=False))
+            result.new += len(claim_events(unseen, using=using, handlers=False))
         else:
-            new, dispatched = claim_and_dispatch(events, using=using)
+            new, dispatched = claim_and_dispatch(unseen, using=using)
             result.new += new
             result.dispatch += dispatched
         if on_chunk is not None:
@@ -195,17 +203,29 @@ def process_model(
 ) -> BatchResult:
     """Run the batch for one registered model: each group of sources sharing a
     ``queryset=`` restriction scans that queryset (default: the default manager)."""
+    from django.db.models import QuerySet
+
     result = BatchResult()
     by_queryset: dict[Any, list[SourceSpec]] = {}
     for spec in registry.sources(model):
         by_queryset.setdefault(spec.queryset, []).append(spec)
+    # Every restriction is checked before any row is processed: a misconfigured source
+    # must not leave the batch half done.
+    groups: list[tuple[QuerySet[Any], list[SourceSpec]]] = []
     for factory, specs in by_queryset.items():
         queryset = factory() if factory is not None else model._default_manager.all()
+        if not isinstance(queryset, QuerySet):
+            raise RegistrationError(
+                f"queryset= of {specs[0].name} must return a QuerySet of "
+                f"{model._meta.label}, got {type(queryset).__name__}."
+            )
         if queryset.model is not model:
             raise RegistrationError(
                 f"queryset= of {specs[0].name} returned a queryset of "
                 f"{queryset.model._meta.label}, not of {model._meta.label}."
             )
+        groups.append((queryset, specs))
+    for queryset, specs in groups:
         before = result.copy()
 
         def progress(totals: BatchResult, before: BatchResult = before) -> None:

@@ -53,7 +53,8 @@ class Command(BaseCommand):
             "--dry-run",
             action="store_true",
             help="Report what would be produced and how many events are new; claim nothing, "
-            "run nothing.",
+            "run nothing. (A key that rows in different chunks produce is counted once per "
+            "chunk: memory stays bounded.)",
         )
         mode.add_argument(
             "--mark-only",
@@ -169,10 +170,16 @@ class Progress:
             f"\r{self.label} [{bar:<20}] {result.rows}/{self.total} rows, "
             f"{result.events} events, {result.new} new, {result.dispatch.calls} handled, "
             f"{result.dispatch.failed} failed, {rate:.0f} rows/s, ETA {eta}\033[K",
+            style_func=plain,
             ending="",
         )
         self.stream.flush()
 
     def finish(self) -> None:
-        self.stream.write("")
+        self.stream.write("", style_func=plain)
         self.stream.flush()
+
+
+def plain(text: str) -> str:
+    # manage.py styles a terminal's stderr as errors; progress is not an error.
+    return text
