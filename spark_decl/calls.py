@@ -175,6 +175,11 @@ class CallRunner:
         return taken
 
 
+SAVEPOINT = "SAVEPOINT spark_decl_call"
+ROLLBACK_TO = "ROLLBACK TO SAVEPOINT spark_decl_call"
+RELEASE = "RELEASE SAVEPOINT spark_decl_call"
+
+
 @contextmanager
 def savepoint(connection: BaseDatabaseWrapper, cursor: Any, block: Atomic) -> Iterator[None]:
     """``transaction.atomic()`` for one handler call inside an open transaction.
@@ -185,6 +190,10 @@ def savepoint(connection: BaseDatabaseWrapper, cursor: Any, block: Atomic) -> It
     one DB-API cursor reused for the whole segment: Django opens a cursor wrapper per
     statement, which made savepoints the largest cost of a batch. ``block`` is the
     ``Atomic`` that stands for it in ``connection.atomic_blocks``.
+
+    The SQL name is always the same, so the driver's statement cache serves every call
+    (savepoints may share a name; ROLLBACK TO and RELEASE act on the newest). The id in
+    ``savepoint_ids`` stays unique, since Django files ``on_commit`` callbacks under it.
     """
     if connection.needs_rollback:
         raise TransactionManagementError(
@@ -192,7 +201,7 @@ def savepoint(connection: BaseDatabaseWrapper, cursor: Any, block: Atomic) -> It
         )
     connection.savepoint_state += 1
     sid = f"spark_decl_{connection.savepoint_state}"
-    cursor.execute(f"SAVEPOINT {sid}")
+    cursor.execute(SAVEPOINT)
     connection.savepoint_ids.append(sid)
     connection.atomic_blocks.append(block)
     try:
@@ -212,15 +221,15 @@ def savepoint(connection: BaseDatabaseWrapper, cursor: Any, block: Atomic) -> It
             )
         connection.atomic_blocks.pop()
         connection.savepoint_ids.pop()
-        cursor.execute(f"RELEASE SAVEPOINT {sid}")
+        cursor.execute(RELEASE)
 
 
 def _rollback_to(connection: BaseDatabaseWrapper, cursor: Any, sid: str) -> None:
     connection.atomic_blocks.pop()
     connection.savepoint_ids.pop()
     connection.needs_rollback = False
-    cursor.execute(f"ROLLBACK TO SAVEPOINT {sid}")
-    cursor.execute(f"RELEASE SAVEPOINT {sid}")
+    cursor.execute(ROLLBACK_TO)
+    cursor.execute(RELEASE)
     connection.run_on_commit = [entry for entry in connection.run_on_commit if sid not in entry[0]]
 
 

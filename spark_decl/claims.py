@@ -13,6 +13,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from itertools import islice
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -196,10 +197,10 @@ def parameter_limit(connection: BaseDatabaseWrapper) -> int:
 def insert_rows(
     connection: BaseDatabaseWrapper,
     model: type[Model],
-    fields: Sequence[str],
+    fields: tuple[str, ...],
     rows: Sequence[Sequence[Any]],
     *,
-    returning: Sequence[str],
+    returning: tuple[str, ...],
     skip_conflicts_on: str | None = None,
 ) -> list[tuple[Any, ...]]:
     """``INSERT ... [ON CONFLICT (col) DO NOTHING] RETURNING ...`` in as few statements
@@ -208,21 +209,9 @@ def insert_rows(
     datetime values through their field's ``get_db_prep_save``)."""
     if not rows:
         return []
-    meta = model._meta
-    quote = connection.ops.quote_name
-    model_fields = [cast("Field[Any, Any]", meta.get_field(name)) for name in fields]
-    head = (
-        f"INSERT INTO {quote(meta.db_table)} "
-        f"({', '.join(quote(field.column) for field in model_fields)}) VALUES "
+    head, placeholder, tail = _insert_sql(
+        connection.vendor, model, fields, returning, skip_conflicts_on
     )
-    tail = ""
-    if skip_conflicts_on is not None:
-        column = cast("Field[Any, Any]", meta.get_field(skip_conflicts_on)).column
-        tail += f" ON CONFLICT ({quote(column)}) DO NOTHING"
-    tail += " RETURNING " + ", ".join(
-        quote(cast("Field[Any, Any]", meta.get_field(name)).column) for name in returning
-    )
-    placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
     per_statement = max(1, parameter_limit(connection) // len(fields))
     inserted: list[tuple[Any, ...]] = []
     with connection.cursor() as cursor:
@@ -232,6 +221,36 @@ def insert_rows(
             cursor.execute(head + ", ".join([placeholder] * len(batch)) + tail, params)
             inserted.extend(cursor.fetchall())
     return inserted
+
+
+@cache
+def _insert_sql(
+    vendor: str,
+    model: type[Model],
+    fields: tuple[str, ...],
+    returning: tuple[str, ...],
+    skip_conflicts_on: str | None,
+) -> tuple[str, str, str]:
+    """The fixed parts of :func:`insert_rows`' statement, built once per shape.
+    ``vendor`` is part of the cache key only: SQLite and PostgreSQL (the databases
+    :func:`check_database` admits) quote identifiers alike."""
+    quote = _quote
+    meta = model._meta
+
+    def column(name: str) -> str:
+        return quote(cast("Field[Any, Any]", meta.get_field(name)).column)
+
+    head = f"INSERT INTO {quote(meta.db_table)} ({', '.join(map(column, fields))}) VALUES "
+    tail = ""
+    if skip_conflicts_on is not None:
+        tail += f" ON CONFLICT ({column(skip_conflicts_on)}) DO NOTHING"
+    tail += f" RETURNING {', '.join(map(column, returning))}"
+    placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    return head, placeholder, tail
+
+
+def _quote(name: str) -> str:
+    return name if name.startswith('"') and name.endswith('"') else f'"{name}"'
 
 
 def only_new_events(
