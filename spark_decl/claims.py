@@ -105,14 +105,15 @@ def claim_events(
 
     connection = connections[using]
     check_database(connection)
-    to_db = EventRecord._meta.get_field("context").get_db_prep_save
+    # What JSONField.get_db_prep_save ends in, without its per-value checks.
+    to_db = connection.ops.adapt_json_value
     now = timezone.now()
     created_at = EventRecord._meta.get_field("created_at").get_db_prep_save(now, connection)
     records = [
         (
             key,
             event["group"],
-            to_db(dump_context(event["context"], key=key), connection),
+            to_db(dump_context(event["context"], key=key), None),
             created_at,
         )
         for key, event in first.items()

@@ -36,45 +36,60 @@ class ContextUnavailable(SparkError):
 
 def dump_context(value: object, *, key: str) -> Any:
     """Return ``value`` as JSON-compatible data, or raise ``InvalidContext`` naming the spot."""
-    return _dump(value, "context", key)
+    return _dump(value, (), key)
 
 
-def _dump(value: object, path: str, key: str) -> Any:
-    if value is None or isinstance(value, bool | int):
+def _where(path: tuple[str | int, ...]) -> str:
+    return "context" + "".join(f"[{part!r}]" for part in path)
+
+
+def _dump(value: object, path: tuple[str | int, ...], key: str) -> Any:
+    # The path is only formatted when something is wrong: this runs for every event.
+    kind = type(value)
+    if kind is int or kind is bool or value is None:
         return value
-    if isinstance(value, str):
-        if NUL in value:
-            raise InvalidContext(f"Event {key!r}: {path} contains a NUL character. {NUL_REASON}")
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
+    if kind is str:
+        if NUL in value:  # type: ignore[operator]
             raise InvalidContext(
-                f"Event {key!r}: {path} is {value!r}; JSON cannot store NaN or infinity."
+                f"Event {key!r}: {_where(path)} contains a NUL character. {NUL_REASON}"
             )
         return value
     if isinstance(value, Model):
         if value.pk is None:
             raise InvalidContext(
-                f"Event {key!r}: {path} is an unsaved {type(value).__name__}; "
+                f"Event {key!r}: {_where(path)} is an unsaved {type(value).__name__}; "
                 "only saved instances can be stored as references."
             )
         return {TAG: "model", "model": value._meta.label_lower, "pk": _dump(value.pk, path, key)}
     if isinstance(value, Mapping):
         items: dict[str, Any] = {}
         for item_key, item in value.items():
-            if not isinstance(item_key, str):
-                raise InvalidContext(
-                    f"Event {key!r}: {path} has the key {item_key!r}; only str keys can be stored."
-                )
+            if type(item_key) is not str:
+                if not isinstance(item_key, str):
+                    raise InvalidContext(
+                        f"Event {key!r}: {_where(path)} has the key {item_key!r}; "
+                        "only str keys can be stored."
+                    )
+                item_key = str(item_key)
             if NUL in item_key:
                 raise InvalidContext(
-                    f"Event {key!r}: {path} has the key {item_key!r}, which contains a NUL "
-                    f"character. {NUL_REASON}"
+                    f"Event {key!r}: {_where(path)} has the key {item_key!r}, which contains "
+                    f"a NUL character. {NUL_REASON}"
                 )
-            items[item_key] = _dump(item, f"{path}[{item_key!r}]", key)
+            items[item_key] = _dump(item, (*path, item_key), key)
         return {TAG: "dict", "value": items} if TAG in items else items
+    if isinstance(value, bool | int):
+        return value
+    if isinstance(value, str):
+        return _dump(str(value), path, key)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidContext(
+                f"Event {key!r}: {_where(path)} is {value!r}; JSON cannot store NaN or infinity."
+            )
+        return value
     if isinstance(value, list | tuple):
-        return [_dump(item, f"{path}[{index}]", key) for index, item in enumerate(value)]
+        return [_dump(item, (*path, index), key) for index, item in enumerate(value)]
     # datetime is a date subclass: test it first.
     if isinstance(value, dt.datetime):
         return {TAG: "datetime", "value": value.isoformat()}
@@ -89,7 +104,7 @@ def _dump(value: object, path: str, key: str) -> Any:
     if isinstance(value, uuid.UUID):
         return {TAG: "uuid", "value": str(value)}
     raise InvalidContext(
-        f"Event {key!r}: {path} is a {type(value).__module__}.{type(value).__qualname__}, "
+        f"Event {key!r}: {_where(path)} is a {type(value).__module__}.{type(value).__qualname__}, "
         "which cannot be stored. Use model instances, JSON values, date/time values, "
         "Decimal or UUID."
     )
