@@ -19,8 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from inspect import iscoroutinefunction
@@ -118,25 +117,27 @@ class CallRunner:
         started = time.monotonic()
         group_size = 1
         cursor = self.connection.connection.cursor()
+        guard = CallSavepoint(self.connection, cursor, self._block)
         try:
-            while index < len(calls):
-                group = calls[index : index + group_size]
-                group_started = time.monotonic()
-                taken = self._take(group)
-                for call in group:
-                    self._run_one(call, taken, cursor)
-                index += len(group)
-                now = time.monotonic()
-                left = self._budget - (now - started)
-                if left <= 0:
-                    break
-                per_call = max((now - group_started) / len(group), 1e-6)
-                group_size = max(1, min(MAX_GROUP_SIZE, int(left / per_call)))
+            with self.connection.execute_wrapper(guard):
+                while index < len(calls):
+                    group = calls[index : index + group_size]
+                    group_started = time.monotonic()
+                    taken = self._take(group)
+                    for call in group:
+                        self._run_one(call, taken, guard)
+                    index += len(group)
+                    now = time.monotonic()
+                    left = self._budget - (now - started)
+                    if left <= 0:
+                        break
+                    per_call = max((now - group_started) / len(group), 1e-6)
+                    group_size = max(1, min(MAX_GROUP_SIZE, int(left / per_call)))
         finally:
             cursor.close()
         return index
 
-    def _run_one(self, call: Call, taken: dict[int, int], cursor: Any) -> None:
+    def _run_one(self, call: Call, taken: dict[int, int], guard: CallSavepoint) -> None:
         attempts = 0
         if call.outcome_id is not None:
             if call.outcome_id not in taken:
@@ -144,7 +145,7 @@ class CallRunner:
                 return
             attempts = taken[call.outcome_id]
         try:
-            with savepoint(self.connection, cursor, self._block):
+            with guard:
                 call_handler(call.spec, call.event)
         except Exception as exc:
             self.result.failed += 1
@@ -180,57 +181,87 @@ ROLLBACK_TO = "ROLLBACK TO SAVEPOINT spark_decl_call"
 RELEASE = "RELEASE SAVEPOINT spark_decl_call"
 
 
-@contextmanager
-def savepoint(connection: BaseDatabaseWrapper, cursor: Any, block: Atomic) -> Iterator[None]:
-    """``transaction.atomic()`` for one handler call inside an open transaction.
+class CallSavepoint:
+    """``transaction.atomic()`` for one handler call at a time, inside an open transaction.
 
-    It keeps Django's bookkeeping exactly as a nested ``Atomic`` does (``savepoint_ids``,
-    so ``on_commit`` callbacks registered by a failing handler are dropped;
-    ``atomic_blocks``; ``needs_rollback``), but sends the three SAVEPOINT statements on
-    one DB-API cursor reused for the whole segment: Django opens a cursor wrapper per
-    statement, which made savepoints the largest cost of a batch. ``block`` is the
-    ``Atomic`` that stands for it in ``connection.atomic_blocks``.
+    Use it as ``connection.execute_wrapper(guard)`` around a segment, and ``with guard:``
+    around each call. It keeps Django's bookkeeping exactly as a nested ``Atomic`` does:
+    ``savepoint_ids`` (so ``on_commit`` callbacks registered by a failing handler are
+    dropped), ``atomic_blocks`` and ``needs_rollback``. What it saves:
 
-    The SQL name is always the same, so the driver's statement cache serves every call
-    (savepoints may share a name; ROLLBACK TO and RELEASE act on the newest). The id in
-    ``savepoint_ids`` stays unique, since Django files ``on_commit`` callbacks under it.
+    * The SAVEPOINT is sent lazily, just before the handler's first query (the execute
+      wrapper sees every query made through Django's cursors): a handler that never
+      touches the database (a mail, a webhook, a no-op) costs no statement at all.
+    * The statements go to one DB-API cursor reused for the whole segment, not through a
+      new Django cursor wrapper each, and always under the same name, so the driver's
+      statement cache serves them (savepoints may share a name; ROLLBACK TO and RELEASE
+      act on the newest). The id in ``savepoint_ids`` stays unique, since Django files
+      ``on_commit`` callbacks under it.
+
+    Writes made through a raw DB-API cursor (``connection.connection.cursor()``) bypass the
+    wrapper and are not covered.
     """
-    if connection.needs_rollback:
-        raise TransactionManagementError(
-            "spark_decl: the transaction is marked for rollback; cannot run a handler."
-        )
-    connection.savepoint_state += 1
-    sid = f"spark_decl_{connection.savepoint_state}"
-    cursor.execute(SAVEPOINT)
-    connection.savepoint_ids.append(sid)
-    connection.atomic_blocks.append(block)
-    try:
-        yield
-    except BaseException:
-        _rollback_to(connection, cursor, sid)
-        raise
-    else:
-        if transaction.get_rollback(connection.alias):
+
+    def __init__(self, connection: BaseDatabaseWrapper, cursor: Any, block: Atomic) -> None:
+        self.connection = connection
+        self.cursor = cursor
+        self.block = block  # stands for the call in connection.atomic_blocks
+        self.active = False
+        self.opened = False
+        self.sid = ""
+
+    def __call__(
+        self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        if self.active and not self.opened:
+            self.opened = True
+            self.cursor.execute(SAVEPOINT)
+        return execute(sql, params, many, context)
+
+    def __enter__(self) -> None:
+        connection = self.connection
+        if connection.needs_rollback:
+            raise TransactionManagementError(
+                "spark_decl: the transaction is marked for rollback; cannot run a handler."
+            )
+        connection.savepoint_state += 1
+        self.sid = f"spark_decl_{connection.savepoint_state}"
+        connection.savepoint_ids.append(self.sid)
+        connection.atomic_blocks.append(self.block)
+        self.opened = False
+        self.active = True
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.active = False
+        connection = self.connection
+        connection.atomic_blocks.pop()
+        connection.savepoint_ids.pop()
+        if exc_type is not None:
+            self._roll_back()
+            return
+        if connection.needs_rollback:
             # The handler swallowed a database error (or called set_rollback(True)):
             # its writes cannot be trusted, so the call counts as failed.
-            _rollback_to(connection, cursor, sid)
+            self._roll_back()
             raise TransactionManagementError(
                 "The handler left the transaction marked for rollback (it caught a "
                 "database error or called transaction.set_rollback(True)); its writes "
                 "were rolled back."
             )
-        connection.atomic_blocks.pop()
-        connection.savepoint_ids.pop()
-        cursor.execute(RELEASE)
+        if self.opened:
+            self.cursor.execute(RELEASE)
 
-
-def _rollback_to(connection: BaseDatabaseWrapper, cursor: Any, sid: str) -> None:
-    connection.atomic_blocks.pop()
-    connection.savepoint_ids.pop()
-    connection.needs_rollback = False
-    cursor.execute(ROLLBACK_TO)
-    cursor.execute(RELEASE)
-    connection.run_on_commit = [entry for entry in connection.run_on_commit if sid not in entry[0]]
+    def _roll_back(self) -> None:
+        connection = self.connection
+        connection.needs_rollback = False
+        if self.opened:
+            self.cursor.execute(ROLLBACK_TO)
+            self.cursor.execute(RELEASE)
+        sid = self.sid
+        if connection.run_on_commit:
+            connection.run_on_commit = [
+                entry for entry in connection.run_on_commit if sid not in entry[0]
+            ]
 
 
 def take_outcomes(
