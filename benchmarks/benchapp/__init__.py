@@ -1,0 +1,1 @@
+"""The one model both packages' benchmarks run over, and the source and handlers they use."""

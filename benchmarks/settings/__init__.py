@@ -1,0 +1,1 @@
+"""One settings module per package under test; both share :mod:`benchmarks.settings.base`."""
