@@ -19,10 +19,9 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, cast
 
 from asgiref.sync import async_to_sync
@@ -82,8 +81,8 @@ class RunResult:
 
 
 def call_handler(spec: HandlerSpec, event: Event[Any]) -> None:
-    if iscoroutinefunction(spec.function):
-        async_to_sync(spec.function)(event)
+    if spec.is_async:
+        async_to_sync(cast("Callable[[Event[Any]], Awaitable[object]]", spec.function))(event)
     else:
         spec.function(event)
 

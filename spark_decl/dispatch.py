@@ -147,6 +147,8 @@ def _claim_of(event: Event[Any]) -> Claim | None:
 
 
 def send_dispatched(event: Event[Any]) -> None:
+    if not event_dispatched.receivers:
+        return
     claim = _claim_of(event)
     handlers = claim.handlers if claim is not None else registry.handlers_for(event["group"])
     responses = event_dispatched.send_robust(

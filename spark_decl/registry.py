@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import InvalidPattern, RegistrationError
@@ -53,6 +54,10 @@ class HandlerSpec:
     name: str
     patterns: tuple[re.Pattern[str], ...]
     background: bool
+    is_async: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_async", iscoroutinefunction(self.function))
 
     def matches(self, group: str) -> bool:
         return any(pattern.search(group) for pattern in self.patterns)

@@ -17,6 +17,8 @@ def validate_event(candidate: object, *, source: str | None = None) -> Event[Any
     A missing ``context`` becomes ``{}`` (in a copy; the input is never mutated). Extra keys
     are kept, as django-spark allowed.
     """
+    if type(candidate) is dict and _is_valid(candidate):
+        return candidate  # type: ignore[return-value]
     origin = f" from source {source}" if source else ""
     if not isinstance(candidate, Mapping):
         raise InvalidEvent(
@@ -49,6 +51,22 @@ def validate_event(candidate: object, *, source: str | None = None) -> Event[Any
     if "context" not in candidate or candidate["context"] is None:
         return cast("Event[Any]", {**candidate, "context": {}})
     return cast("Event[Any]", candidate)
+
+
+def _is_valid(candidate: dict[Any, Any]) -> bool:
+    """The common case, checked fast: a dict whose key and group are fine and which has a
+    context. Anything else takes the slow path, which names the problem."""
+    key = candidate.get("key")
+    group = candidate.get("group")
+    return (
+        type(key) is str
+        and type(group) is str
+        and 0 < len(key) <= MAX_LENGTH
+        and 0 < len(group) <= MAX_LENGTH
+        and "\x00" not in key
+        and "\x00" not in group
+        and candidate.get("context") is not None
+    )
 
 
 def _short(value: object, limit: int = 80) -> str:
