@@ -1,19 +1,30 @@
-"""A read-only admin for claimed events and their handler outcomes."""
+"""The admin as an operations console for claimed events and their handler outcomes.
+
+Read-only: events and outcomes are written by spark_decl alone. The one thing staff can do
+is the "Retry failed handlers" action, which runs :func:`spark_decl.retry.retry_records`,
+the same code as ``retry_spark_events``, and needs the *change* permission on events
+(viewing needs *view* or *change*, as everywhere in the admin).
+"""
 
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any
 
-from django.contrib import admin
-from django.db.models import Count, Q, QuerySet
+from django.contrib import admin, messages
+from django.contrib.auth import get_permission_codename
+from django.db.models import Count, Exists, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils.html import format_html
+from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 
 from .models import EventRecord, HandlerOutcome
+from .retry import retry_records
 
 CONTEXT_PREVIEW_CHARS = 5_000
+TRACEBACK_PREVIEW_CHARS = 20_000
 
 # The admin classes are generic only for the type checker (django-stubs).
 if TYPE_CHECKING:
@@ -22,6 +33,11 @@ if TYPE_CHECKING:
 else:
     InlineBase = admin.TabularInline
     ModelAdminBase = admin.ModelAdmin
+
+
+def has_event_permission(request: HttpRequest, action: str) -> bool:
+    opts = EventRecord._meta
+    return request.user.has_perm(f"{opts.app_label}.{get_permission_codename(action, opts)}")
 
 
 class ReadOnlyMixin:
@@ -35,6 +51,69 @@ class ReadOnlyMixin:
         return False
 
 
+def count_outcomes(**filters: Any) -> Coalesce:
+    """The number of the event's outcomes matching ``filters``, as a subquery."""
+    matching = (
+        HandlerOutcome.objects.filter(record=OuterRef("pk"), **filters)
+        .order_by()
+        .values("record")
+        .annotate(count=Count("pk"))
+        .values("count")
+    )
+    return Coalesce(Subquery(matching), 0)
+
+
+# -- filters -------------------------------------------------------------------------------
+
+
+def outcome_exists(request: HttpRequest) -> Exists:
+    """Events with an outcome matching both the status and the handler filter, so that
+    "failed" + "send_mail" means *send_mail failed*, not "something failed and send_mail
+    ran". ``Exists`` rather than a join keeps each event once and its counts intact."""
+    wanted = {
+        name: request.GET[parameter]
+        for name, parameter in (
+            ("status", OutcomeStatusFilter.parameter_name),
+            ("handler", HandlerFilter.parameter_name),
+        )
+        if request.GET.get(parameter)
+    }
+    return Exists(HandlerOutcome.objects.filter(record=OuterRef("pk"), **wanted))
+
+
+class OutcomeStatusFilter(admin.SimpleListFilter):
+    title = _("handler status")
+    parameter_name = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[Any, str]]:
+        return [(value, str(label)) for value, label in HandlerOutcome.Status.choices]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if not self.value():
+            return queryset
+        return queryset.filter(outcome_exists(request))
+
+
+class HandlerFilter(admin.SimpleListFilter):
+    title = _("handler")
+    parameter_name = "handler"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[Any, str]]:
+        names = (
+            HandlerOutcome.objects.order_by("handler").values_list("handler", flat=True).distinct()
+        )
+        return [(name, name) for name in names]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        # With a status chosen too, OutcomeStatusFilter already applied both.
+        if not self.value() or request.GET.get(OutcomeStatusFilter.parameter_name):
+            return queryset
+        return queryset.filter(outcome_exists(request))
+
+
+# -- the event and its outcomes --------------------------------------------------------------
+
+
 class HandlerOutcomeInline(ReadOnlyMixin, InlineBase):
     model = HandlerOutcome
     extra = 0
@@ -46,34 +125,80 @@ class HandlerOutcomeInline(ReadOnlyMixin, InlineBase):
         "finished_at",
         "next_attempt_at",
         "last_error",
+        "traceback_display",
     )
     readonly_fields = fields
     can_delete = False
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Outcomes are part of the event: whoever may see an event sees them.
+        return has_event_permission(request, "view") or has_event_permission(request, "change")
+
+    @admin.display(description=_("traceback"))
+    def traceback_display(self, obj: HandlerOutcome) -> SafeString | str:
+        text = obj.traceback
+        if not text:
+            return "-"
+        if len(text) > TRACEBACK_PREVIEW_CHARS:
+            # The end of a traceback is where the error is.
+            text = f"… ({len(text)} characters in all)\n{text[-TRACEBACK_PREVIEW_CHARS:]}"
+        return format_html(
+            "<details><summary>{}</summary><pre>{}</pre></details>", _("show"), text
+        )
 
 
 @admin.register(EventRecord)
 class EventRecordAdmin(ReadOnlyMixin, ModelAdminBase):
     list_display = ("key", "group", "created_at", "outcome_summary")
-    list_filter = ("group", "outcomes__status", "created_at")
+    list_filter = ("group", OutcomeStatusFilter, HandlerFilter, "created_at")
     search_fields = ("key",)
     date_hierarchy = "created_at"
     fields = ("key", "group", "created_at", "context_preview")
     readonly_fields = fields
     inlines = (HandlerOutcomeInline,)
+    actions = ("retry_failed_handlers",)
     show_full_result_count = False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[EventRecord]:
+        # Counts as correlated subqueries: one query for the whole page, computed only for
+        # the rows shown (a Count() over a join would make the filters' and the date
+        # hierarchy's queries group the whole table). The context can be large and is only
+        # read on the change page.
         return (
             super()
             .get_queryset(request)
+            .defer("context")
             .annotate(
-                outcomes_total=Count("outcomes"),
-                outcomes_done=Count("outcomes", filter=Q(outcomes__status="done")),
-                outcomes_failed=Count(
-                    "outcomes", filter=Q(outcomes__status__in=["failed", "given_up"])
-                ),
+                outcomes_total=count_outcomes(),
+                outcomes_done=count_outcomes(status__in=["done"]),
+                outcomes_failed=count_outcomes(status__in=["failed", "given_up"]),
             )
         )
+
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return has_event_permission(request, "change")
+
+    @admin.action(description=_("Retry failed handlers"), permissions=["retry"])
+    def retry_failed_handlers(self, request: HttpRequest, queryset: QuerySet[EventRecord]) -> None:
+        result = retry_records(queryset)
+        if not result.due:
+            self.message_user(
+                request, _("No failed handler calls in the selected events."), messages.WARNING
+            )
+            return
+        text = _(
+            "Retried %(due)d failed handler calls: %(succeeded)d succeeded, %(failed)d failed."
+        ) % {"due": result.due, "succeeded": result.succeeded, "failed": result.failed}
+        if result.skipped:
+            text += " " + _("%(skipped)d were done by another process.") % {
+                "skipped": result.skipped
+            }
+        if result.unknown_handler:
+            text += " " + _("%(unknown)d have no registered handler.") % {
+                "unknown": result.unknown_handler
+            }
+        ok = not result.failed and not result.unknown_handler
+        self.message_user(request, text, messages.SUCCESS if ok else messages.WARNING)
 
     @admin.display(description=_("handlers"))
     def outcome_summary(self, obj: EventRecord) -> str:
@@ -86,7 +211,7 @@ class EventRecordAdmin(ReadOnlyMixin, ModelAdminBase):
         return f"{text}, {failed} failed" if failed else text
 
     @admin.display(description=_("context"))
-    def context_preview(self, obj: EventRecord) -> str:
+    def context_preview(self, obj: EventRecord) -> SafeString:
         text = json.dumps(obj.context, indent=2, sort_keys=True, default=str)
         if len(text) > CONTEXT_PREVIEW_CHARS:
             text = f"{text[:CONTEXT_PREVIEW_CHARS]}\n… ({len(text)} characters in all)"

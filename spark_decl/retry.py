@@ -1,32 +1,54 @@
-"""Re-running handler calls that failed, or that a dead process left pending."""
+"""Re-running handler calls that failed, or that a dead process left pending, and replaying
+old events to a handler registered after they were claimed.
+
+Every path here ends in :func:`retry_outcomes`: outcome rows are turned back into calls with
+their stored context rebuilt, and run by :class:`~spark_decl.calls.CallRunner`, which takes
+each row with a conditional ``UPDATE`` before running it. That is what makes it safe to run
+``retry_spark_events`` (and the admin's retry action) from several processes at once: a
+call seen by two of them runs in the one that takes it first; the other counts it as
+skipped.
+
+Group filters are regular expressions applied with :func:`re.search` in Python, to the
+distinct group values, exactly as ``@handles`` patterns are: the same expression selects
+the same groups on SQLite and PostgreSQL.
+"""
 
 from __future__ import annotations
 
+import difflib
 import logging
-import re
 import traceback
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from itertools import chain, islice
 from typing import TYPE_CHECKING, Any
 
-from django.db.models import Q
+from django.db import DEFAULT_DB_ALIAS, transaction
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from .calls import PENDING, Call, CallRunner, schedule_after_failure
 from .conf import get_settings
 from .context import ContextUnavailable, load_context
-from .registry import registry
+from .exceptions import SparkError
+from .registry import compile_pattern, registry
 from .sources import iterate_chunks
 
 if TYPE_CHECKING:
-    from .models import HandlerOutcome
+    from django.db.models import QuerySet
+
+    from .models import EventRecord, HandlerOutcome
+    from .registry import HandlerSpec
     from .types import Event
 
 logger = logging.getLogger("spark_decl")
 
 DEFAULT_STALE_AFTER = 300
+
+
+class UnknownHandler(SparkError, LookupError):
+    """No handler of the given dotted name is registered (``--handler``, ``--replay-to``)."""
 
 
 @dataclass
@@ -39,34 +61,108 @@ class RetryResult:
     skipped: int = 0
     unknown_handler: int = 0
 
+    def __iadd__(self, other: RetryResult) -> RetryResult:
+        for name in ("due", "succeeded", "failed", "skipped", "unknown_handler"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+
+@dataclass
+class ReplayResult:
+    """What :func:`replay_events` did.
+
+    ``groups`` are the groups replayed; ``unrouted_groups`` matched the group expression
+    but not the handler's own patterns, so they were left alone. ``created`` counts the
+    outcome rows created (one per event); ``run`` what running them did.
+    """
+
+    handler: str
+    groups: list[str] = field(default_factory=list)
+    unrouted_groups: list[str] = field(default_factory=list)
+    created: int = 0
+    run: RetryResult = field(default_factory=RetryResult)
+
+
+def resolve_handler(name: str) -> HandlerSpec:
+    """The registered handler called ``name`` (its dotted name), or :class:`UnknownHandler`.
+
+    Names are only ever looked up in the registry, never imported.
+    """
+    spec = registry.get_handler(name)
+    if spec is not None:
+        return spec
+    known = sorted(handler.name for handler in registry.handlers())
+    message = f"No handler named {name!r} is registered."
+    close = difflib.get_close_matches(name, known, n=3)
+    if close:
+        message += f" Did you mean {' or '.join(map(repr, close))}?"
+    elif known:
+        message += f" Handlers are named by module and function, e.g. {known[0]!r}."
+    raise UnknownHandler(message)
+
+
+def matching_groups(pattern: str, *, using: str = DEFAULT_DB_ALIAS) -> list[str]:
+    """The stored groups that ``re.search(pattern, group)`` matches, sorted.
+
+    An invalid expression raises :class:`~spark_decl.exceptions.InvalidPattern`.
+    """
+    from .models import EventRecord
+
+    compiled = compile_pattern(pattern, where="the group filter")
+    groups = (
+        EventRecord.objects.using(using)
+        .order_by("group")
+        .values_list("group", flat=True)
+        .distinct()
+    )
+    return [group for group in groups if compiled.search(group)]
+
 
 def due_outcomes(
     *,
-    stale_after: float = DEFAULT_STALE_AFTER,
+    stale_after: float | None = DEFAULT_STALE_AFTER,
     ignore_schedule: bool = False,
+    include_given_up: bool = False,
     group: str | None = None,
     handler: str | None = None,
-    using: str = "default",
-) -> Any:
-    """The outcome rows a retry run should re-run now, oldest first."""
+    records: QuerySet[EventRecord] | None = None,
+    using: str = DEFAULT_DB_ALIAS,
+) -> QuerySet[HandlerOutcome]:
+    """The outcome rows a retry run should re-run now, oldest first.
+
+    Failed calls whose backoff has passed (every failed call with ``ignore_schedule``),
+    given-up calls too with ``include_given_up``, and calls left pending for at least
+    ``stale_after`` seconds (none if it is ``None``). ``group`` (a regular expression),
+    ``handler`` (a dotted name) and ``records`` narrow the selection; ``handler`` is not
+    checked against the registry here (see :func:`resolve_handler`).
+    """
     from .models import HandlerOutcome
 
     now = timezone.now()
     failed = Q(status=HandlerOutcome.Status.FAILED)
     if not ignore_schedule:
         failed &= Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now)
-    stale = Q(
-        status=HandlerOutcome.Status.PENDING, created_at__lte=now - timedelta(seconds=stale_after)
-    )
-    queryset = HandlerOutcome.objects.using(using).filter(failed | stale)
+    if include_given_up:
+        failed |= Q(status=HandlerOutcome.Status.GIVEN_UP)
+    due = failed
+    if stale_after is not None:
+        due |= Q(
+            status=HandlerOutcome.Status.PENDING,
+            created_at__lte=now - timedelta(seconds=stale_after),
+        )
+    queryset = HandlerOutcome.objects.using(using).filter(due)
     if handler is not None:
         queryset = queryset.filter(handler=handler)
     if group is not None:
-        queryset = queryset.filter(record__group__regex=group)
+        queryset = queryset.filter(record__group__in=matching_groups(group, using=using))
+    if records is not None:
+        queryset = queryset.filter(record__in=records.order_by().values("pk"))
     return queryset.select_related("record").order_by("pk")
 
 
-def retry_outcomes(outcomes: Iterable[HandlerOutcome], *, using: str = "default") -> RetryResult:
+def retry_outcomes(
+    outcomes: Iterable[HandlerOutcome], *, using: str = DEFAULT_DB_ALIAS
+) -> RetryResult:
     """Re-run each outcome's handler with its stored context, rebuilt (model instances
     fetched again), a chunk at a time."""
     result = RetryResult()
@@ -114,24 +210,101 @@ def _call_for(outcome: HandlerOutcome, result: RetryResult, *, using: str) -> Ca
 
 def retry_events(
     *,
-    stale_after: float = DEFAULT_STALE_AFTER,
+    stale_after: float | None = DEFAULT_STALE_AFTER,
     ignore_schedule: bool = False,
+    include_given_up: bool = False,
     group: str | None = None,
     handler: str | None = None,
-    using: str = "default",
+    records: QuerySet[EventRecord] | None = None,
+    using: str = DEFAULT_DB_ALIAS,
 ) -> RetryResult:
-    """Re-run every due failed call and every call left pending for ``stale_after`` seconds."""
-    if group is not None:
-        re.compile(group)
+    """Re-run every due failed call and every call left pending for ``stale_after`` seconds.
+
+    What ``manage.py retry_spark_events`` runs; the arguments are those of
+    :func:`due_outcomes`. An invalid ``group`` expression raises
+    :class:`~spark_decl.exceptions.InvalidPattern` and an unregistered ``handler``
+    :class:`UnknownHandler`, before anything runs. Safe to run from several processes at
+    once: each call runs in at most one of them.
+    """
+    if handler is not None:
+        resolve_handler(handler)
     outcomes = due_outcomes(
         stale_after=stale_after,
         ignore_schedule=ignore_schedule,
+        include_given_up=include_given_up,
         group=group,
         handler=handler,
+        records=records,
         using=using,
     )
     pages = iterate_chunks(outcomes, get_settings().CHUNK_SIZE)
     return retry_outcomes(chain.from_iterable(pages), using=using)
+
+
+def retry_records(records: QuerySet[EventRecord], *, using: str = DEFAULT_DB_ALIAS) -> RetryResult:
+    """Re-run, now, every failed or given-up handler call of ``records``.
+
+    The admin's "Retry failed handlers" action. The backoff schedule is ignored (a person
+    asked for it), and a given-up call gets one more attempt: if it fails again it is given
+    up again. Pending calls are left to ``retry_spark_events --stale-after``.
+    """
+    return retry_events(
+        stale_after=None,
+        ignore_schedule=True,
+        include_given_up=True,
+        records=records,
+        using=using,
+    )
+
+
+def replay_events(handler: str, *, group: str, using: str = DEFAULT_DB_ALIAS) -> ReplayResult:
+    """Send events claimed before ``handler`` existed to it: the explicit way to do that.
+
+    For every :class:`~spark_decl.models.EventRecord` whose group matches ``group``
+    (``re.search``) *and* one of the handler's own patterns, and that has no outcome for
+    ``handler`` yet, a pending outcome row is created and run like a retry (the stored
+    context rebuilt; ``event_dispatched`` is not sent). A chunk of events at a time.
+
+    Idempotent: every replayed event now has an outcome for the handler, so a second
+    replay creates nothing; concurrent replays run each call once. Calls a crash
+    interrupted stay pending and are finished by ``retry_spark_events --stale-after``. ::
+
+        replay_events("challenges.spark.send_challenge_mails", group=r"^challenge_")
+    """
+    from .models import EventRecord, HandlerOutcome
+
+    spec = resolve_handler(handler)
+    result = ReplayResult(handler=spec.name)
+    for name in matching_groups(group, using=using):
+        (result.groups if spec.matches(name) else result.unrouted_groups).append(name)
+    if not result.groups:
+        return result
+    candidates = EventRecord.objects.using(using).filter(
+        ~Exists(HandlerOutcome.objects.filter(record=OuterRef("pk"), handler=spec.name)),
+        group__in=result.groups,
+    )
+    for records in iterate_chunks(candidates, get_settings().CHUNK_SIZE):
+        now = timezone.now()
+        with transaction.atomic(using=using):
+            # A replay running at the same time may have created some of these rows.
+            HandlerOutcome.objects.using(using).bulk_create(
+                [
+                    HandlerOutcome(record=record, handler=spec.name, created_at=now)
+                    for record in records
+                ],
+                ignore_conflicts=True,
+            )
+        by_pk = {record.pk: record for record in records}
+        outcomes = list(
+            HandlerOutcome.objects.using(using).filter(
+                record__in=list(by_pk), handler=spec.name, status=PENDING, attempts=0
+            )
+        )
+        for outcome in outcomes:
+            outcome.record = by_pk[outcome.record_id]
+        result.created += len(outcomes)
+        result.run += retry_outcomes(outcomes, using=using)
+    return result
 
 
 def _record_unavailable(outcome: HandlerOutcome, exc: Exception, *, using: str) -> None:
@@ -143,8 +316,8 @@ def _record_unavailable(outcome: HandlerOutcome, exc: Exception, *, using: str) 
     status, next_attempt_at = schedule_after_failure(attempts, now)
     HandlerOutcome.objects.using(using).filter(pk=outcome.pk, attempts=outcome.attempts).update(
         status=status,
-        attempts=attempts,
         next_attempt_at=next_attempt_at,
+        attempts=attempts,
         last_error=f"{type(exc).__name__}: {exc}",
         traceback="".join(traceback.format_exception(exc)),
     )

@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from collections import Counter
 from dataclasses import dataclass, field
 from io import StringIO
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
 from django.utils import timezone
 from pytest_django import Settings
 
-from spark_decl import Event, event, handles, only_new_events
+from spark_decl import Event, event, handles, only_new_events, process_events
 from spark_decl.claims import claim_events
 from spark_decl.models import HandlerOutcome
 from spark_decl.registry import Registry, function_name
 from spark_decl.retry import due_outcomes, retry_outcomes
-from spark_decl.signals import event_dispatched
+from spark_decl.signals import event_dispatched, handler_failed
 from spark_decl.validation import validate_event
 from tests.conftest import CHALLENGE_HANDLER, logged_keys
 from tests.testapp.models import Challenge, HandlerLog
@@ -278,3 +286,232 @@ def test_an_unregistered_handler_is_reported_not_imported(
 def test_a_negative_stale_after_is_an_error() -> None:
     with pytest.raises(CommandError, match="stale-after"):
         call_command("retry_spark_events", "--stale-after", "-1")
+
+
+# -- filters: --group, --handler ------------------------------------------------------------
+
+
+@pytest.fixture
+def two_failing(isolated_registry: Registry) -> tuple[str, str]:
+    """Handlers failing for every ``challenge_*`` event and every ``donation_*`` event."""
+
+    @handles(r"^challenge_")
+    def challenge_fails(event: Event[Any]) -> None:
+        HandlerLog.objects.create(handler="challenge_fails", key=event["key"])
+        if event["context"].get("broken", True):
+            raise Boom(event["key"])
+
+    @handles(r"^(challenge|donation)_")
+    def anything_fails(event: Event[Any]) -> None:
+        HandlerLog.objects.create(handler="anything_fails", key=event["key"])
+        raise Boom(event["key"])
+
+    return function_name(challenge_fails), function_name(anything_fails)
+
+
+def failed_calls() -> set[tuple[str, str]]:
+    return set(
+        HandlerOutcome.objects.filter(status=HandlerOutcome.Status.FAILED).values_list(
+            "record__key", "handler"
+        )
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_group_and_handler_filters_select_the_calls_to_retry(
+    two_failing: tuple[str, str],
+) -> None:
+    challenge_fails, anything_fails = two_failing
+    process_events(
+        only_new_events(
+            [event("challenge_created", 1), event("challenge_ended", 2), event("donation_x", 3)]
+        )
+    )
+    assert len(failed_calls()) == 5
+
+    # re.search semantics, as in @handles: "ended" matches challenge_ended anywhere.
+    assert retry("--group", "ended").startswith("2 due, 0 succeeded, 2 failed")
+    assert HandlerOutcome.objects.filter(record__key="challenge_ended_2", attempts=2).count() == 2
+    assert HandlerOutcome.objects.filter(attempts=2).count() == 2
+
+    assert retry("--all", "--handler", anything_fails).startswith("3 due, 0 succeeded, 3 failed")
+    assert set(
+        HandlerOutcome.objects.filter(handler=anything_fails).values_list("attempts", flat=True)
+    ) == {2, 3}
+    assert set(
+        HandlerOutcome.objects.filter(handler=challenge_fails).values_list("attempts", flat=True)
+    ) == {1, 2}
+
+    # Both filters together: one call.
+    output = retry("--all", "--group", "^challenge_created$", "--handler", challenge_fails)
+    assert output.startswith("1 due, 0 succeeded, 1 failed")
+    assert (
+        HandlerOutcome.objects.get(
+            record__key="challenge_created_1", handler=challenge_fails
+        ).attempts
+        == 2
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_group_filter_is_a_python_regex_on_every_database(
+    two_failing: tuple[str, str],
+) -> None:
+    process_events(only_new_events([event("challenge_created", 1), event("challenge_ended", 2)]))
+    # A named group is Python syntax PostgreSQL's ~ operator rejects; lookbehind too.
+    assert retry("--group", r"(?P<kind>created)$").startswith("2 due")
+    assert retry("--all", "--group", r"(?<=challenge_)ended").startswith("2 due")
+    assert retry("--group", "^nothing$").startswith("0 due")
+
+
+@pytest.mark.django_db
+def test_an_invalid_group_regex_is_a_command_error_naming_it() -> None:
+    with pytest.raises(CommandError, match=r"--group: Invalid pattern '\(unclosed'"):
+        retry("--group", "(unclosed")
+
+
+@pytest.mark.django_db
+def test_an_unknown_handler_is_a_command_error_naming_it() -> None:
+    unknown = re.escape("--handler: No handler named 'no.such.handler'")
+    with pytest.raises(CommandError, match=unknown):
+        retry("--handler", "no.such.handler")
+    # A near miss gets a suggestion; names are never imported.
+    with pytest.raises(CommandError, match=re.escape(f"Did you mean '{CHALLENGE_HANDLER}'")):
+        retry("--handler", CHALLENGE_HANDLER.replace("log_", "lgo_"))
+    with pytest.raises(CommandError, match=re.escape("No handler named 'os.system'")):
+        retry("--handler", "os.system")
+
+
+# -- given-up calls ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_given_up_calls_stay_given_up_unless_included(flaky: Flaky, settings: Settings) -> None:
+    settings.SPARK_DECL = {"MAX_ATTEMPTS": 2}
+    Challenge.objects.create(title="x")
+    retry()
+    assert outcome_of(flaky.name).status == HandlerOutcome.Status.GIVEN_UP
+
+    flaky.broken = False
+    assert retry("--all", "--stale-after", "0").startswith("0 due")
+    assert outcome_of(flaky.name).status == HandlerOutcome.Status.GIVEN_UP
+
+    assert retry("--include-given-up").startswith("1 due, 1 succeeded")
+    outcome = outcome_of(flaky.name)
+    assert (outcome.status, outcome.attempts) == (HandlerOutcome.Status.DONE, 3)
+    assert len(flaky.calls) == 3
+    assert retry("--include-given-up").startswith("0 due")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_included_given_up_call_that_fails_again_is_given_up_again(
+    flaky: Flaky, settings: Settings
+) -> None:
+    settings.SPARK_DECL = {"MAX_ATTEMPTS": 2}
+    Challenge.objects.create(title="x")
+    retry()
+    assert retry("--include-given-up").startswith("1 due, 0 succeeded, 1 failed")
+    outcome = outcome_of(flaky.name)
+    assert (outcome.status, outcome.attempts) == (HandlerOutcome.Status.GIVEN_UP, 3)
+    assert outcome.next_attempt_at is None
+
+
+# -- handler_failed on retries ----------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_handler_failed_is_sent_for_a_failed_retry_once_it_is_recorded(flaky: Flaky) -> None:
+    received: list[dict[str, Any]] = []
+
+    def receiver(sender: object, **kwargs: Any) -> None:
+        outcome = outcome_of(flaky.name)
+        seen = (outcome.status, outcome.attempts, connection.in_atomic_block)
+        received.append({**kwargs, "sender": sender, "seen": seen})
+
+    challenge = Challenge.objects.create(title="x")
+    handler_failed.connect(receiver)
+    try:
+        retry()
+    finally:
+        handler_failed.disconnect(receiver)
+    assert len(received) == 1
+    signal = received[0]
+    assert set(signal) == {"signal", "sender", "event", "handler", "exception", "seen"}
+    assert signal["sender"] is None
+    assert signal["handler"] == flaky.name
+    assert isinstance(signal["exception"], Boom)
+    assert signal["event"]["key"] == f"challenge_created_{challenge.pk}"
+    assert signal["event"]["group"] == "challenge_created"
+    # The event carries the rebuilt context, and the failure was already stored and
+    # committed: the receiver runs outside the handlers' transaction.
+    assert signal["event"]["context"]["challenge"] == challenge
+    assert signal["seen"] == (HandlerOutcome.Status.FAILED, 2, False)
+
+
+# -- several retry processes at once ----------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+WORKER = textwrap.dedent(
+    """
+    import os, sys
+
+    os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    from django.conf import settings
+
+    # The test database, not the development one.
+    settings.DATABASES["default"]["NAME"] = sys.argv[1]
+    # Small chunks and a commit per call, so that the workers' calls interleave.
+    settings.SPARK_DECL = {"CHUNK_SIZE": 5, "TRANSACTION_SECONDS": 0}
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command(*sys.argv[2:])
+    """
+)
+
+
+def run_workers(count: int, *command: str) -> list[str]:
+    """Run ``manage.py <command>`` in ``count`` processes at once against the test database;
+    return their outputs (each must exit 0)."""
+    if connection.vendor == "sqlite":
+        # Processes share a file database, never the in-memory one.
+        assert Path(connection.settings_dict["NAME"]).is_file()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(connection.settings_dict["NAME"]), *command],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    outputs = [worker.communicate(timeout=120) for worker in workers]
+    for worker, (_, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err
+    return [out for out, _ in outputs]
+
+
+CONCURRENT_KEYS = 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_retry_processes_run_each_call_once() -> None:
+    claim_events([validate_event(event("challenge_created", n)) for n in range(CONCURRENT_KEYS)])
+    assert HandlerOutcome.objects.filter(status="pending").count() == CONCURRENT_KEYS
+
+    outputs = run_workers(4, "retry_spark_events", "--stale-after", "0")
+
+    handled = Counter(logged_keys())
+    assert len(handled) == CONCURRENT_KEYS
+    assert set(handled.values()) == {1}
+    assert set(HandlerOutcome.objects.values_list("status", "attempts")) == {("done", 1)}
+    succeeded = [int(out.split(" succeeded")[0].rsplit(" ", 1)[1]) for out in outputs]
+    assert sum(succeeded) == CONCURRENT_KEYS
+    for out in outputs:
+        assert " 0 failed" in out, out

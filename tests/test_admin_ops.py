@@ -1,0 +1,302 @@
+"""The admin as an operations console: filters, outcomes, the retry action, permissions."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+from django.utils.html import escape
+from pytest_django import Settings
+
+from spark_decl import Event, event, handles, only_new_events, process_events
+from spark_decl.admin import CONTEXT_PREVIEW_CHARS, TRACEBACK_PREVIEW_CHARS
+from spark_decl.models import EventRecord, HandlerOutcome
+from spark_decl.registry import Registry, function_name
+from tests.conftest import CHALLENGE_HANDLER
+
+CHANGELIST = reverse("admin:spark_decl_eventrecord_changelist")
+
+
+def change_url(record: EventRecord) -> str:
+    return reverse("admin:spark_decl_eventrecord_change", args=[record.pk])
+
+
+@pytest.fixture(autouse=True)
+def fast_passwords(settings: Settings) -> None:
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+class Broken:
+    """Two handlers of ``^order_``: ``mailer`` fails while ``broken``, ``audit`` always
+    succeeds."""
+
+    def __init__(self) -> None:
+        self.broken = True
+        self.mailed: list[str] = []
+        self.mailer = ""
+        self.audit = ""
+
+
+@pytest.fixture
+def broken(transactional_db: None, isolated_registry: Registry) -> Broken:
+    """order_1 and order_2: mailer failed, audit done. order_3: both done (claimed while
+    mailer worked)."""
+    state = Broken()
+
+    @handles(r"^order_")
+    def mailer(event: Event[Any]) -> None:
+        if state.broken:
+            raise ConnectionError(f"SMTP down for {event['key']}")
+        state.mailed.append(event["key"])
+
+    @handles(r"^order_")
+    def audit(event: Event[Any]) -> None:
+        pass
+
+    state.mailer, state.audit = function_name(mailer), function_name(audit)
+    process_events(only_new_events([event("order_placed", 1), event("order_paid", 2)]))
+    state.broken = False
+    process_events(only_new_events([event("order_placed", 3)]))
+    state.mailed.clear()
+    state.broken = True
+    return state
+
+
+def keys(client: Client, query: str = "", **params: str) -> list[str]:
+    response = client.get(f"{CHANGELIST}{query}", params)
+    assert response.status_code == 200
+    return sorted(record.key for record in response.context["cl"].result_list)
+
+
+def staff(*permissions: str) -> Client:
+    """A logged-in staff user (not a superuser) holding ``permissions`` (codenames)."""
+    user = User.objects.create_user(username=f"staff_{'_'.join(permissions)}", is_staff=True)
+    user.user_permissions.set(
+        Permission.objects.filter(content_type__app_label="spark_decl", codename__in=permissions)
+    )
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def run_action(client: Client, records: list[EventRecord], query: str = "") -> Any:
+    return client.post(
+        f"{CHANGELIST}{query}",
+        {"action": "retry_failed_handlers", "_selected_action": [r.pk for r in records]},
+        follow=True,
+    )
+
+
+def messages_of(response: Any) -> list[str]:
+    return [str(message) for message in response.context["messages"]]
+
+
+# -- filters ----------------------------------------------------------------------------------
+
+
+def test_the_handler_filter_lists_every_handler_name(admin_client: Client, broken: Broken) -> None:
+    content = admin_client.get(CHANGELIST).content.decode()
+    for name in (broken.mailer, broken.audit):
+        assert escape(f"?{urlencode({'handler': name})}") in content
+    assert keys(admin_client, handler=broken.mailer) == [
+        "order_paid_2",
+        "order_placed_1",
+        "order_placed_3",
+    ]
+    assert keys(admin_client, handler=CHALLENGE_HANDLER) == []
+
+
+def test_status_and_handler_filters_mean_the_same_call(
+    admin_client: Client, broken: Broken
+) -> None:
+    assert keys(admin_client, "?status=failed") == ["order_paid_2", "order_placed_1"]
+    assert keys(admin_client, "?status=done") == [
+        "order_paid_2",
+        "order_placed_1",
+        "order_placed_3",
+    ]
+    # "mailer failed", not "something failed and mailer has an outcome".
+    assert keys(admin_client, status="failed", handler=broken.mailer) == [
+        "order_paid_2",
+        "order_placed_1",
+    ]
+    assert keys(admin_client, status="failed", handler=broken.audit) == []
+    assert keys(admin_client, status="done", handler=broken.mailer) == ["order_placed_3"]
+    # Combined with the group filter and the key search.
+    assert keys(admin_client, "?status=failed&group=order_paid") == ["order_paid_2"]
+    assert keys(admin_client, "?status=failed&q=placed") == ["order_placed_1"]
+    content = admin_client.get(f"{CHANGELIST}?status=failed").content.decode()
+    assert content.count("1/2 done, 1 failed") == 2
+
+
+def test_the_changelist_query_count_does_not_grow_with_the_page(
+    admin_client: Client, broken: Broken
+) -> None:
+    def count() -> int:
+        with CaptureQueriesContext(connection) as queries:
+            assert admin_client.get(CHANGELIST).status_code == 200
+        return len(queries)
+
+    few = count()
+    process_events(only_new_events([event("order_placed", n) for n in range(10, 40)]))
+    assert EventRecord.objects.count() == 33
+    assert count() == few
+
+
+# -- the change page ------------------------------------------------------------------------
+
+
+def test_the_change_page_shows_each_outcome_with_its_traceback(
+    admin_client: Client, broken: Broken
+) -> None:
+    record = EventRecord.objects.get(key="order_placed_1")
+    content = admin_client.get(change_url(record)).content.decode()
+    for name in (broken.mailer, broken.audit):
+        assert escape(name) in content
+    assert "ConnectionError: SMTP down for order_placed_1" in content
+    failed = HandlerOutcome.objects.get(record=record, handler=broken.mailer)
+    pre = re.search(r"<pre>(Traceback \(most recent call last\):.*?)</pre>", content, re.S)
+    assert pre is not None
+    assert "raise ConnectionError(f&quot;SMTP down for" in pre.group(1)
+    assert failed.next_attempt_at is not None
+    assert 'name="_save"' not in content
+
+
+def test_a_huge_traceback_is_shown_truncated_from_the_end(
+    admin_client: Client, broken: Broken
+) -> None:
+    record = EventRecord.objects.get(key="order_placed_1")
+    huge = "Traceback (most recent call last):\n" + "  frame\n" * 200_000 + "ValueError: end"
+    HandlerOutcome.objects.filter(record=record, handler=broken.mailer).update(traceback=huge)
+    content = admin_client.get(change_url(record)).content.decode()
+    assert f"… ({len(huge)} characters in all)" in content
+    assert "ValueError: end" in content
+    assert len(content) < TRACEBACK_PREVIEW_CHARS + 100_000
+
+
+def test_a_megabyte_of_context_renders_truncated(admin_client: Client, db: None) -> None:
+    process_events(only_new_events([event("big", 1, {"blob": "x" * 1_000_000})]))
+    record = EventRecord.objects.get()
+    response = admin_client.get(change_url(record))
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert "characters in all)" in content
+    assert "x" * CONTEXT_PREVIEW_CHARS not in content
+    assert len(content) < 100_000
+    # The changelist never reads contexts.
+    with CaptureQueriesContext(connection) as queries:
+        assert admin_client.get(CHANGELIST).status_code == 200
+    assert not any("context" in query["sql"] for query in queries.captured_queries)
+
+
+# -- the retry action -------------------------------------------------------------------------
+
+
+def test_retry_failed_handlers_reruns_only_the_failed_calls_of_the_selection(
+    admin_client: Client, broken: Broken
+) -> None:
+    placed, paid = (EventRecord.objects.get(key=k) for k in ("order_placed_1", "order_paid_2"))
+    broken.broken = False
+    response = run_action(admin_client, [placed, EventRecord.objects.get(key="order_placed_3")])
+    assert messages_of(response) == ["Retried 1 failed handler calls: 1 succeeded, 0 failed."]
+    assert broken.mailed == ["order_placed_1"]
+    outcome = HandlerOutcome.objects.get(record=placed, handler=broken.mailer)
+    assert (outcome.status, outcome.attempts) == ("done", 2)
+    # Not selected: untouched, even though it is due.
+    assert HandlerOutcome.objects.get(record=paid, handler=broken.mailer).status == "failed"
+    # The audit handler, which had succeeded, did not run again.
+    assert set(
+        HandlerOutcome.objects.filter(handler=broken.audit).values_list("attempts", flat=True)
+    ) == {1}
+
+
+def test_the_action_ignores_the_backoff_and_includes_given_up_calls(
+    admin_client: Client, broken: Broken
+) -> None:
+    HandlerOutcome.objects.filter(record__key="order_placed_1", handler=broken.mailer).update(
+        status="given_up", next_attempt_at=None, attempts=10
+    )
+    HandlerOutcome.objects.filter(record__key="order_paid_2", handler=broken.mailer).update(
+        attempts=3, next_attempt_at="2999-01-01T00:00:00Z"
+    )
+    response = run_action(admin_client, list(EventRecord.objects.all()))
+    assert messages_of(response) == ["Retried 2 failed handler calls: 0 succeeded, 2 failed."]
+    assert sorted(
+        HandlerOutcome.objects.filter(handler=broken.mailer).values_list("status", "attempts")
+    ) == [("done", 1), ("failed", 4), ("given_up", 11)]
+
+
+def test_the_action_leaves_pending_calls_to_the_command(admin_client: Client, db: None) -> None:
+    from spark_decl.claims import claim_events
+    from spark_decl.validation import validate_event
+
+    claim_events([validate_event(event("challenge_created", 1))])
+    response = run_action(admin_client, list(EventRecord.objects.all()))
+    assert messages_of(response) == ["No failed handler calls in the selected events."]
+    assert HandlerOutcome.objects.get().status == "pending"
+
+
+def test_the_action_works_on_a_filtered_changelist(admin_client: Client, broken: Broken) -> None:
+    broken.broken = False
+    records = list(EventRecord.objects.filter(key__in=["order_placed_1", "order_paid_2"]))
+    query = "?" + urlencode({"status": "failed", "handler": broken.mailer})
+    response = run_action(admin_client, records, query)
+    assert messages_of(response) == ["Retried 2 failed handler calls: 2 succeeded, 0 failed."]
+    assert sorted(broken.mailed) == ["order_paid_2", "order_placed_1"]
+
+
+# -- permissions ------------------------------------------------------------------------------
+
+
+def test_staff_without_view_permission_gets_403(broken: Broken) -> None:
+    client = staff()
+    record = EventRecord.objects.get(key="order_placed_1")
+    assert client.get(CHANGELIST).status_code == 403
+    assert client.get(change_url(record)).status_code == 403
+    assert run_action(client, [record]).status_code == 403
+    assert HandlerOutcome.objects.get(record=record, handler=broken.mailer).attempts == 1
+
+
+def test_view_permission_shows_events_and_outcomes_but_not_the_action(broken: Broken) -> None:
+    client = staff("view_eventrecord")
+    record = EventRecord.objects.get(key="order_placed_1")
+    response = client.get(CHANGELIST)
+    assert response.status_code == 200
+    assert "retry_failed_handlers" not in response.content.decode()
+    page = client.get(change_url(record))
+    assert page.status_code == 200
+    # Outcomes are part of the event: no separate permission on HandlerOutcome needed.
+    assert "ConnectionError: SMTP down for order_placed_1" in page.content.decode()
+
+    broken.broken = False
+    response = run_action(client, [record])
+    # No action is available to this user: the POST just shows the changelist again.
+    assert response.status_code == 200
+    assert messages_of(response) == []
+    assert broken.mailed == []
+    assert HandlerOutcome.objects.get(record=record, handler=broken.mailer).status == "failed"
+    # Still read-only.
+    assert client.post(change_url(record), {"key": "x"}).status_code == 403
+
+
+def test_change_permission_allows_the_action_and_nothing_else(broken: Broken) -> None:
+    client = staff("change_eventrecord")
+    record = EventRecord.objects.get(key="order_placed_1")
+    assert "retry_failed_handlers" in client.get(CHANGELIST).content.decode()
+    broken.broken = False
+    response = run_action(client, [record])
+    assert messages_of(response) == ["Retried 1 failed handler calls: 1 succeeded, 0 failed."]
+    assert broken.mailed == ["order_placed_1"]
+
+    assert client.post(change_url(record), {"key": "x", "group": "x"}).status_code == 403
+    delete = reverse("admin:spark_decl_eventrecord_delete", args=[record.pk])
+    assert client.post(delete, {"post": "yes"}).status_code == 403
+    record.refresh_from_db()
+    assert record.key == "order_placed_1"
