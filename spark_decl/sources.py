@@ -130,6 +130,7 @@ def process_queryset(
     sources: Sequence[SourceSpec] | None = None,
     on_source_error: SourceErrorHandler | None = None,
     on_chunk: Callable[[BatchResult], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> BatchResult:
     """Run every instance of ``queryset`` through its model's sources, claim, handle.
 
@@ -148,6 +149,10 @@ def process_queryset(
     the run, unless ``on_source_error`` is given: then it is called with the instance, the
     source and the exception, that instance's events are skipped, and the run goes on.
     ``on_chunk`` is called with the running totals after each chunk.
+
+    ``should_stop`` is asked after each chunk, once its handlers have run and their
+    outcomes are recorded; when it returns true the run ends there, leaving the rest of
+    the rows for the next run (``process_spark_sources`` stops this way on SIGTERM).
     """
     if sources is None:
         sources = registry.sources(queryset.model)
@@ -185,6 +190,8 @@ def process_queryset(
             result.dispatch += dispatched
         if on_chunk is not None:
             on_chunk(result)
+        if should_stop is not None and should_stop():
+            break
     return result
 
 
@@ -200,9 +207,12 @@ def process_model(
     mode: Mode = Mode.HANDLE,
     on_source_error: SourceErrorHandler | None = None,
     on_chunk: Callable[[BatchResult], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> BatchResult:
     """Run the batch for one registered model: each group of sources sharing a
-    ``queryset=`` restriction scans that queryset (default: the default manager)."""
+    ``queryset=`` restriction scans that queryset (default: the default manager).
+    ``should_stop`` is asked after each chunk and before each queryset, as in
+    :func:`process_queryset`."""
     from django.db.models import QuerySet
 
     result = BatchResult()
@@ -226,6 +236,8 @@ def process_model(
             )
         groups.append((queryset, specs))
     for queryset, specs in groups:
+        if should_stop is not None and should_stop():
+            break
         before = result.copy()
 
         def progress(totals: BatchResult, before: BatchResult = before) -> None:
@@ -241,5 +253,6 @@ def process_model(
             sources=specs,
             on_source_error=on_source_error,
             on_chunk=progress if on_chunk is not None else None,
+            should_stop=should_stop,
         )
     return result

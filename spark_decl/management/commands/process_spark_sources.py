@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
+from collections.abc import Callable
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
@@ -30,7 +34,9 @@ def positive_int(value: str) -> int:
 class Command(BaseCommand):
     help = (
         "Send every instance of every model with event sources through its sources, "
-        "claim the events never seen before and run their handlers."
+        "claim the events never seen before and run their handlers. SIGTERM or SIGINT "
+        "stops it after the chunk in progress (exit status 0); a second one stops it at "
+        "once, rolling back the handler calls in progress."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -89,24 +95,33 @@ class Command(BaseCommand):
         progress = Progress(self.stderr) if not quiet and self.stderr.isatty() else None
         started = time.monotonic()
         total = BatchResult()
-        for model in selected:
-            if progress is not None:
-                progress.start(model)
-            result = process_model(
-                model,
-                chunk_size=chunk_size,
-                mode=mode,
-                on_source_error=on_source_error,
-                on_chunk=progress.update if progress is not None else None,
-            )
-            if progress is not None:
-                progress.finish()
-            total += result
-            if verbosity >= 2 and not quiet:
-                self.stdout.write(f"{model._meta.label}: {describe(result, mode)}")
+        with GracefulStop() as stop:
+            for model in selected:
+                if stop.requested():
+                    break
+                if progress is not None:
+                    progress.start(model)
+                result = process_model(
+                    model,
+                    chunk_size=chunk_size,
+                    mode=mode,
+                    on_source_error=on_source_error,
+                    on_chunk=progress.update if progress is not None else None,
+                    should_stop=stop.requested,
+                )
+                if progress is not None:
+                    progress.finish()
+                total += result
+                if verbosity >= 2 and not quiet:
+                    self.stdout.write(f"{model._meta.label}: {describe(result, mode)}")
         elapsed = time.monotonic() - started
         if not quiet:
             self.stdout.write(f"{describe(total, mode)} in {elapsed:.2f}s")
+            if stop.signal is not None:
+                self.stdout.write(
+                    f"Interrupted by {stop.signal.name}: stopped after the chunk in progress; "
+                    "run the command again to process the rest."
+                )
         if errors:
             raise CommandError(
                 f"{len(errors)} instance(s) skipped because a source raised; the first: "
@@ -132,6 +147,47 @@ class Command(BaseCommand):
                 )
             selected.append(model)
         return selected
+
+
+SignalHandler = Callable[[int, FrameType | None], Any] | int | None
+
+
+class GracefulStop:
+    """While active, the first SIGTERM or SIGINT asks the batch to stop after the chunk in
+    progress (whose handlers then run and record their outcomes) instead of killing it.
+
+    A second signal raises ``SystemExit(128 + signal)`` wherever the process is: the
+    transaction in progress rolls back and its calls stay pending for
+    ``retry_spark_events``, as after a crash. The previous handlers are restored on exit.
+    Python runs signal handlers in the main thread only, so elsewhere (``call_command``
+    from a thread) nothing is installed and signals keep their usual effect.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+        self._previous: dict[signal.Signals, SignalHandler] = {}
+
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, previous in self._previous.items():
+            # None: the handler was not installed from Python; the default is the best guess.
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal is not None:
+            raise SystemExit(128 + signum)
+        self.signal = signal.Signals(signum)
 
 
 def describe(result: BatchResult, mode: Mode) -> str:

@@ -1,0 +1,199 @@
+"""Once per key under real concurrency (semantic 1): processes racing on one database.
+
+Every worker is a separate Python process (``tests/workers.py``) against the test database
+(a SQLite file or PostgreSQL). Workers wait at a start line until all of them are ready,
+then race. Each test counts the handlers' database writes per key: exactly one each.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from tests.testapp.models import Challenge
+from tests.workers import (
+    TIMEOUT,
+    Worker,
+    Workers,
+    assert_all_handled_once,
+    assert_consistent,
+)
+
+# PostgreSQL is what several machines share; SQLite has one writer at a time.
+SCALE = {"postgresql": (8, 10_000), "sqlite": (4, 2_000)}
+ONE_HANDLER = ("first",)
+
+
+@pytest.fixture
+def pool(tmp_path: Path, transactional_db: None) -> Iterator[Workers]:
+    pool = Workers(tmp_path, handlers=ONE_HANDLER)
+    yield pool
+    pool.stop_all()
+
+
+def make_rows(count: int) -> list[int]:
+    Challenge.objects.bulk_create(
+        (Challenge(title=f"c{n}") for n in range(count)), batch_size=2000
+    )
+    return list(Challenge.objects.order_by("pk").values_list("pk", flat=True))
+
+
+def start_together(workers: list[Worker]) -> None:
+    """Release workers started with ``pause_at=["start:1"]`` once all are ready."""
+    for worker in workers:
+        worker.wait_paused()
+    for worker in workers:
+        worker.resume()
+
+
+def summary(output: str) -> dict[str, int]:
+    """The numbers of ``process_spark_sources``' summary line."""
+    match = re.match(
+        r"(?P<rows>\d+) rows, (?P<events>\d+) events, (?P<new>\d+) new, "
+        r"(?P<handled>\d+) handled, (?P<failed>\d+) failed in ",
+        output,
+    )
+    assert match is not None, output
+    return {name: int(value) for name, value in match.groupdict().items()}
+
+
+def test_batch_workers_racing_over_the_same_rows_handle_each_key_once(
+    pool: Workers,
+) -> None:
+    """8 workers x 10,000 keys on PostgreSQL, 4 x 2,000 on a SQLite file."""
+    count, rows = SCALE[connection.vendor]
+    pks = make_rows(rows)
+    racing = [
+        pool.start(
+            "command",
+            "process_spark_sources",
+            settings={"CHUNK_SIZE": 250},
+            pause_at=["start:1"],
+        )
+        for _ in range(count)
+    ]
+    start_together(racing)
+    results = [summary(worker.succeed()) for worker in racing]
+
+    for result in results:
+        assert (result["rows"], result["events"], result["failed"]) == (rows, rows, 0)
+        assert result["handled"] == result["new"]
+    assert sum(result["new"] for result in results) == rows
+    assert_all_handled_once(pks, ONE_HANDLER)
+
+
+def test_retry_runs_racing_batch_workers_run_each_call_once(pool: Workers) -> None:
+    """``retry_spark_events --stale-after 0`` in a loop while batch workers run: calls
+    claimed by a batch worker but not yet run are taken by whichever process gets there
+    first, never by both."""
+    pks = make_rows(2_000)
+    # One commit per call: claims are committed long before their calls run.
+    settings = {"CHUNK_SIZE": 100, "TRANSACTION_SECONDS": 0}
+    stop = pool.sync / "stop-retrying"
+    batches = [
+        pool.start("command", "process_spark_sources", settings=settings, pause_at=["start:1"])
+        for _ in range(2)
+    ]
+    retries = [
+        pool.start(
+            "command",
+            "retry_spark_events",
+            "--stale-after",
+            "0",
+            settings=settings,
+            pause_at=["start:1"],
+            repeat_until=stop,
+        )
+        for _ in range(2)
+    ]
+    start_together(batches + retries)
+    for worker in batches:
+        assert summary(worker.succeed())["failed"] == 0
+    stop.touch()
+    for worker in retries:
+        worker.succeed()
+
+    pool.retry()
+    assert_all_handled_once(pks, ONE_HANDLER)
+
+
+def test_a_retry_takes_the_calls_a_paused_batch_worker_owes_and_it_skips_them(
+    pool: Workers,
+) -> None:
+    """The same race, made deterministic: the batch worker stops right after committing
+    a chunk's claims with its first call; a retry run does the chunk's other calls; the
+    batch worker then finds them taken and skips them."""
+    pks = make_rows(300)
+    settings = {"CHUNK_SIZE": 100, "TRANSACTION_SECONDS": 0}
+    batch = pool.start(
+        "command", "process_spark_sources", settings=settings, pause_at=["committed:1"]
+    )
+    batch.wait_paused()
+    assert Counter(assert_consistent(ONE_HANDLER).values()) == {"done": 1, "pending": 99}
+    pool.retry()
+    assert Counter(assert_consistent(ONE_HANDLER).values()) == {"done": 100}
+    batch.resume()
+    assert summary(batch.succeed()) == {
+        "rows": 300,
+        "events": 300,
+        "new": 300,
+        "handled": 201,
+        "failed": 0,
+    }
+    assert_all_handled_once(pks, ONE_HANDLER)
+
+
+@pytest.mark.parametrize(
+    "where", ["fetched_before_the_transaction", "fetched_inside_the_transaction"]
+)
+def test_two_processes_saving_the_same_object_at_once_handle_its_event_once(
+    pool: Workers, where: str
+) -> None:
+    """Both saves produce the event; one claim wins. The first process saves and holds its
+    transaction open (claim not committed); the second then saves the same object.
+
+    Fetching inside the transaction makes it read before it writes; on SQLite the workers
+    then use ``transaction_mode: IMMEDIATE``, as docs/guarantees.rst ("SQLite with several
+    workers") recommends: a deferred transaction that read first fails with "database is
+    locked" at once when another connection holds the write lock, whatever the timeout.
+    """
+    (pk,) = make_rows(1)
+    inside = where == "fetched_inside_the_transaction"
+    args = [str(pk), "inside"] if inside else [str(pk)]
+    options = {"transaction_mode": "IMMEDIATE"} if inside and connection.vendor == "sqlite" else {}
+    holder = pool.start("save", *args, pause_at=["saved:1"], database_options=options)
+    second = pool.start("save", *args, pause_at=["start:1"], database_options=options)
+    holder.wait_paused()
+    second.wait_paused()
+    second.resume()
+    if connection.vendor == "postgresql":
+        # The second save is really waiting on the first transaction's locks. SQLite shows
+        # no such thing: there the second save may also start only after the first commit
+        # (with one writer at a time, the two transactions run one after the other anyway).
+        wait_for_a_lock_wait(second)
+    holder.resume()
+    holder.succeed()
+    second.succeed()
+    assert_all_handled_once([pk], ONE_HANDLER)
+
+
+def wait_for_a_lock_wait(worker: Worker) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            (waiting,) = cursor.fetchone()
+        if waiting:
+            return
+        assert worker.process.poll() is None, worker.stderr
+        assert time.monotonic() < deadline, "the second save never waited for a lock"
+        time.sleep(0.01)  # polling interval, not synchronisation
