@@ -121,8 +121,8 @@ class CallRunner:
             with self.connection.execute_wrapper(guard):
                 while index < len(calls):
                     group = calls[index : index + group_size]
-                    group_started = time.monotonic()
                     taken = self._take(group)
+                    group_started = time.monotonic()
                     for call in group:
                         self._run_one(call, taken, guard)
                     index += len(group)
