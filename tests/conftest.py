@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry, registry
 from tests.testapp.models import HandlerLog
+from tests.workers import Workers
 
 CHALLENGE_HANDLER = "tests.testapp.spark.log_challenge_event"
+
+
+@pytest.fixture
+def pool(tmp_path: Path, transactional_db: None) -> Iterator[Workers]:
+    """Worker subprocesses on the test database (tests/workers.py), all stopped afterwards."""
+    pool = Workers(tmp_path)
+    yield pool
+    pool.stop_all()
 
 
 @pytest.fixture

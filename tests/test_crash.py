@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,13 +30,6 @@ CALLS_PER_CHUNK = len(workers.HANDLERS) * CHUNK
 # One transaction per handler call: what is committed at a pause is then exact.
 EACH_CALL_COMMITS = {"CHUNK_SIZE": CHUNK, "TRANSACTION_SECONDS": 0}
 SHARED_TRANSACTIONS = {"CHUNK_SIZE": CHUNK}
-
-
-@pytest.fixture
-def pool(tmp_path: Path, transactional_db: None) -> Iterator[Workers]:
-    pool = Workers(tmp_path)
-    yield pool
-    pool.stop_all()
 
 
 @pytest.fixture

@@ -11,9 +11,7 @@ import os
 import signal
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from io import StringIO
-from pathlib import Path
 from types import FrameType
 
 import pytest
@@ -31,13 +29,6 @@ ROWS = 500
 CHUNK = 50
 CALLS_PER_CHUNK = 2 * CHUNK
 SETTINGS = {"CHUNK_SIZE": CHUNK}
-
-
-@pytest.fixture
-def pool(tmp_path: Path, transactional_db: None) -> Iterator[Workers]:
-    pool = Workers(tmp_path)
-    yield pool
-    pool.stop_all()
 
 
 @pytest.fixture
