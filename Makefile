@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 # The Django line to install; CI overrides it to test Django 6.x on Python >= 3.12.
 DJANGO ?= Django>=5.2,<5.3
+# Extras to install; the backport extra (Django's tasks framework for Django 5.2) is left out
+# for Django 6.x, which has it built in.
+EXTRAS ?= dev,docs,backport
 BIN := $(VENV)/bin
 
 .PHONY: demo test lint docs bench clean
@@ -12,7 +15,7 @@ BIN := $(VENV)/bin
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,docs]' '$(DJANGO)'
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]' '$(DJANGO)'
 	touch $@
 
 demo: $(VENV)/.installed

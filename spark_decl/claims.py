@@ -52,6 +52,8 @@ class Claim:
     using: str
     handlers: tuple[HandlerSpec, ...]
     outcome_ids: tuple[int, ...]
+    #: The background calls were enqueued in the claiming transaction already (outbox).
+    enqueued: bool = False
 
 
 class ClaimedEvent(dict[str, Any]):
@@ -108,7 +110,7 @@ def claim_events(
     # What JSONField.get_db_prep_save ends in, without its per-value checks.
     to_db = connection.ops.adapt_json_value
     now = timezone.now()
-    created_at = EventRecord._meta.get_field("created_at").get_db_prep_save(now, connection)
+    created_at = EventRecord.created_at.field.get_db_prep_save(now, connection)
     records = [
         (
             key,

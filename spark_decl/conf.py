@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-DEFAULTS: dict[str, float] = {
+DEFAULTS: dict[str, float | str] = {
     # A failing handler call is retried this many times in all before it is given up.
     "MAX_ATTEMPTS": 10,
     # The first retry is due at once; later ones wait BACKOFF_SECONDS, doubling each time,
@@ -24,6 +24,10 @@ DEFAULTS: dict[str, float] = {
     # share one commit, slow ones commit often (a crash rolls back at most this much work,
     # and SQLite's write lock is never held much longer).
     "TRANSACTION_SECONDS": 0.5,
+    # Background handlers (``@handles(..., background=True)``) and ``process_spark_sources
+    # --enqueue`` chunks are enqueued on this backend of Django's TASKS setting, in this queue.
+    "TASK_BACKEND": "default",
+    "TASK_QUEUE": "default",
 }
 
 
@@ -34,6 +38,8 @@ class SparkSettings:
     BACKOFF_MAX_SECONDS: int
     CHUNK_SIZE: int
     TRANSACTION_SECONDS: float
+    TASK_BACKEND: str
+    TASK_QUEUE: str
 
 
 @cache
@@ -53,7 +59,12 @@ def get_settings() -> SparkSettings:
         )
     values = {**DEFAULTS, **user}
     for name, value in values.items():
-        if name == "TRANSACTION_SECONDS":
+        if name in ("TASK_BACKEND", "TASK_QUEUE"):
+            if not isinstance(value, str) or not value:
+                raise ImproperlyConfigured(
+                    f"SPARK_DECL[{name!r}] must be a non-empty string, got {value!r}."
+                )
+        elif name == "TRANSACTION_SECONDS":
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ImproperlyConfigured(
                     f"SPARK_DECL[{name!r}] must be a number of seconds >= 0, got {value!r}."
@@ -62,7 +73,7 @@ def get_settings() -> SparkSettings:
             raise ImproperlyConfigured(
                 f"SPARK_DECL[{name!r}] must be a positive integer, got {value!r}."
             )
-    return SparkSettings(**values)
+    return SparkSettings(**cast("dict[str, Any]", values))
 
 
 @receiver(setting_changed)

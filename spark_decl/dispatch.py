@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
+from .background import check_enqueueable, enqueues_with_claims, submit
 from .calls import Call, CallRunner
 from .claims import MAX_PARAMETERS, claim_events
 from .conf import get_settings
@@ -28,10 +29,15 @@ from .validation import validate_event
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
-    from .claims import Claim
+    from .claims import Claim, ClaimedEvent
     from .types import Event
 
 logger = logging.getLogger("spark_decl")
+
+# Switched on, process-wide, by spark_decl.testing.capture_events(run_handlers=False): events
+# are still claimed and event_dispatched is still sent, but no handler call is built, so
+# none is run or enqueued (claimed calls stay pending).
+handlers_suppressed = False
 
 
 @dataclass
@@ -42,12 +48,15 @@ class DispatchResult:
     calls: int = 0
     failed: int = 0
     skipped: int = 0
+    #: Background calls enqueued (or to be enqueued when the transaction commits).
+    enqueued: int = 0
 
     def __iadd__(self, other: DispatchResult) -> DispatchResult:
         self.events += other.events
         self.calls += other.calls
         self.failed += other.failed
         self.skipped += other.skipped
+        self.enqueued += other.enqueued
         return self
 
 
@@ -66,7 +75,15 @@ def process_events(
     chunk_size = get_settings().CHUNK_SIZE
     iterator = iter(events)
     while chunk := list(islice(iterator, chunk_size)):
-        schedule([validate_event(candidate) for candidate in chunk], using=using)
+        valid = [validate_event(candidate) for candidate in chunk]
+        for event in valid:
+            # An unclaimed event travels to background handlers in the task: refuse an
+            # unstorable context now, not in the worker. (A claim checked it already.)
+            if _claim_of(event) is None and any(
+                spec.background for spec in registry.handlers_for(event["group"])
+            ):
+                check_enqueueable(event)
+        schedule(valid, using=using)
 
 
 def schedule(events: list[Event[Any]], *, using: str) -> DispatchResult | None:
@@ -76,6 +93,7 @@ def schedule(events: list[Event[Any]], *, using: str) -> DispatchResult | None:
         return dispatch(events, using=using)
     claimed = [event for event in events if _claim_of(event) is not None]
     if claimed:
+        _enqueue_with_claims(claimed, using=using)
         pending = _Pending(claimed, using)
         _queue(connection).append(pending)
         transaction.on_commit(pending, using=using, robust=True)
@@ -100,20 +118,25 @@ def claim_and_dispatch(events: Sequence[Event[Any]], *, using: str) -> tuple[int
     runner = CallRunner(using)
     with transaction.atomic(using=using):
         claimed = claim_events(events, using=using)
-        calls = _calls(claimed)
+        calls, enqueued = _submit_background(_calls(claimed), using=using)
         done = runner.run_segment(calls)
-    return len(claimed), _finish(runner, claimed, calls, done)
+    return len(claimed), _finish(runner, claimed, calls, done, enqueued)
 
 
 def dispatch(events: Sequence[Event[Any]], *, using: str = DEFAULT_DB_ALIAS) -> DispatchResult:
-    """Run the handlers of ``events`` now, then send ``event_dispatched`` for each."""
+    """Run the handlers of ``events`` now (enqueue the background ones), then send
+    ``event_dispatched`` for each."""
     runner = CallRunner(using)
-    calls = _calls(events)
-    return _finish(runner, events, calls, 0)
+    calls, enqueued = _submit_background(_calls(events), using=using)
+    return _finish(runner, events, calls, 0, enqueued)
 
 
 def _finish(
-    runner: CallRunner, events: Sequence[Event[Any]], calls: Sequence[Call], start: int
+    runner: CallRunner,
+    events: Sequence[Event[Any]],
+    calls: Sequence[Call],
+    start: int,
+    enqueued: int,
 ) -> DispatchResult:
     outcome = runner.run(calls, start)
     outcome.report()
@@ -124,10 +147,39 @@ def _finish(
         calls=outcome.succeeded + outcome.failed,
         failed=outcome.failed,
         skipped=outcome.skipped,
+        enqueued=enqueued,
     )
 
 
+def _submit_background(calls: list[Call], *, using: str) -> tuple[list[Call], int]:
+    """Hand the background calls to the tasks framework; return the others and how many
+    were handed over."""
+    if not any(call.spec.background for call in calls):
+        return calls, 0
+    background = [call for call in calls if call.spec.background]
+    return [call for call in calls if not call.spec.background], submit(background, using=using)
+
+
+def _enqueue_with_claims(claimed: list[Event[Any]], *, using: str) -> None:
+    """Inside the claiming transaction, enqueue the background calls of ``claimed`` now if
+    the task backend writes to this database (an outbox: they commit with the claims).
+    Their claims are marked, so the dispatch after commit does not enqueue them again."""
+    owing = [
+        event
+        for event in claimed
+        if any(spec.background for spec in cast("Claim", _claim_of(event)).handlers)
+    ]
+    if not owing or not enqueues_with_claims(using):
+        return
+    submit([call for call in _calls(owing) if call.spec.background], using=using)
+    for event in owing:
+        claimed_event = cast("ClaimedEvent", event)
+        claimed_event.spark_claim = replace(claimed_event.spark_claim, enqueued=True)
+
+
 def _calls(events: Iterable[Event[Any]]) -> list[Call]:
+    if handlers_suppressed:
+        return []
     calls: list[Call] = []
     for event in events:
         claim = _claim_of(event)
@@ -137,6 +189,7 @@ def _calls(events: Iterable[Event[Any]]) -> list[Call]:
             calls.extend(
                 Call(spec, event, outcome_id)
                 for spec, outcome_id in zip(claim.handlers, claim.outcome_ids, strict=True)
+                if not (claim.enqueued and spec.background)
             )
     return calls
 

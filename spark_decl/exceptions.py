@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from django.core.exceptions import ImproperlyConfigured
+
 
 class SparkError(Exception):
     """Base class of every error raised by spark_decl."""
@@ -29,3 +31,9 @@ class RegistrationError(SparkError, ValueError):
 
 class UnsupportedDatabase(SparkError):
     """The database cannot claim keys atomically (SQLite older than 3.35, or another vendor)."""
+
+
+class BackgroundUnavailable(SparkError, ImproperlyConfigured):
+    """A background handler or ``--enqueue`` needs Django's tasks framework, and it is
+    missing or misconfigured (no ``django.tasks``/``django-tasks``, an unknown
+    ``SPARK_DECL["TASK_BACKEND"]``, a queue the backend does not serve)."""

@@ -195,7 +195,7 @@ def _call_for(outcome: HandlerOutcome, result: RetryResult, *, using: str) -> Ca
     try:
         context = load_context(outcome.record.context)
     except ContextUnavailable as exc:
-        _record_unavailable(outcome, exc, using=using)
+        record_unavailable(outcome, exc, using=using)
         result.failed += 1
         return None
     event: Event[Any] = {
@@ -301,13 +301,14 @@ def replay_events(handler: str, *, group: str, using: str = DEFAULT_DB_ALIAS) ->
             )
         )
         for outcome in outcomes:
-            outcome.record = by_pk[outcome.record_id]
+            # record_id is made by Django; only django-stubs' mypy plugin declares it.
+            outcome.record = by_pk[outcome.record_id]  # pyright: ignore[reportAttributeAccessIssue]
         result.created += len(outcomes)
         result.run += retry_outcomes(outcomes, using=using)
     return result
 
 
-def _record_unavailable(outcome: HandlerOutcome, exc: Exception, *, using: str) -> None:
+def record_unavailable(outcome: HandlerOutcome, exc: Exception, *, using: str) -> None:
     """A call whose context cannot be rebuilt counts as a failed attempt."""
     from .models import HandlerOutcome
 

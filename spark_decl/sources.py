@@ -39,7 +39,7 @@ def events_from(instance: Model, sources: Iterable[SourceSpec]) -> list[Event[An
                     validate_event(candidate, source=spec.name) for candidate in produced
                 )
         except Exception as exc:
-            exc.spark_source = spec  # type: ignore[attr-defined]
+            exc.spark_source = spec  # type: ignore[attr-defined]  # pyright: ignore[reportAttributeAccessIssue]
             raise
     return events
 
@@ -213,28 +213,8 @@ def process_model(
     ``queryset=`` restriction scans that queryset (default: the default manager).
     ``should_stop`` is asked after each chunk and before each queryset, as in
     :func:`process_queryset`."""
-    from django.db.models import QuerySet
-
     result = BatchResult()
-    by_queryset: dict[Any, list[SourceSpec]] = {}
-    for spec in registry.sources(model):
-        by_queryset.setdefault(spec.queryset, []).append(spec)
-    # Every restriction is checked before any row is processed: a misconfigured source
-    # must not leave the batch half done.
-    groups: list[tuple[QuerySet[Any], list[SourceSpec]]] = []
-    for factory, specs in by_queryset.items():
-        queryset = factory() if factory is not None else model._default_manager.all()
-        if not isinstance(queryset, QuerySet):
-            raise RegistrationError(
-                f"queryset= of {specs[0].name} must return a QuerySet of "
-                f"{model._meta.label}, got {type(queryset).__name__}."
-            )
-        if queryset.model is not model:
-            raise RegistrationError(
-                f"queryset= of {specs[0].name} returned a queryset of "
-                f"{queryset.model._meta.label}, not of {model._meta.label}."
-            )
-        groups.append((queryset, specs))
+    groups = source_querysets(model)
     for queryset, specs in groups:
         if should_stop is not None and should_stop():
             break
@@ -256,3 +236,32 @@ def process_model(
             should_stop=should_stop,
         )
     return result
+
+
+def source_querysets(model: type[Model]) -> list[tuple[QuerySet[Any], list[SourceSpec]]]:
+    """The querysets the batch scans for ``model``, each with the sources that share it:
+    one per ``queryset=`` restriction, the default manager for unrestricted sources.
+
+    Every restriction is evaluated and checked before any row is processed: a
+    misconfigured source must not leave a batch half done.
+    """
+    from django.db.models import QuerySet
+
+    by_queryset: dict[Any, list[SourceSpec]] = {}
+    for spec in registry.sources(model):
+        by_queryset.setdefault(spec.queryset, []).append(spec)
+    groups: list[tuple[QuerySet[Any], list[SourceSpec]]] = []
+    for factory, specs in by_queryset.items():
+        queryset = factory() if factory is not None else model._default_manager.all()
+        if not isinstance(queryset, QuerySet):
+            raise RegistrationError(
+                f"queryset= of {specs[0].name} must return a QuerySet of "
+                f"{model._meta.label}, got {type(queryset).__name__}."
+            )
+        if queryset.model is not model:
+            raise RegistrationError(
+                f"queryset= of {specs[0].name} returned a queryset of "
+                f"{queryset.model._meta.label}, not of {model._meta.label}."
+            )
+        groups.append((queryset, specs))
+    return groups

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import django
+
 BASE_DIR = Path(__file__).resolve().parent
 
 SECRET_KEY = "spark-decl-tests"
@@ -27,6 +29,25 @@ INSTALLED_APPS = [
     "spark_decl",
     "tests.testapp",
 ]
+# Django's tasks framework: built in from Django 6.0, the django-tasks backport before.
+if django.VERSION < (6, 0):
+    INSTALLED_APPS.append("django_tasks")
+INSTALLED_APPS.append("django_tasks_db")
+
+# The default backend runs tasks at once, in-process (after the claim commits); tests that
+# need a queue use django-tasks-db's DatabaseBackend (tests/background.py), and the
+# db_worker subprocesses get it from SPARK_DECL_TEST_TASKS=database.
+TASKS: dict[str, dict[str, Any]] = {
+    "default": {
+        "BACKEND": (
+            "django.tasks.backends.immediate.ImmediateBackend"
+            if django.VERSION >= (6, 0)
+            else "django_tasks.backends.immediate.ImmediateBackend"
+        )
+    }
+}
+if os.environ.get("SPARK_DECL_TEST_TASKS") == "database":
+    TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
 
 DATABASES: dict[str, dict[str, Any]]
 if os.environ.get("SPARK_DECL_TEST_DB", "sqlite") == "postgresql":

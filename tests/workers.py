@@ -18,6 +18,11 @@ Workers are steered with files in a directory shared with the test, never with s
   the action) the worker creates ``paused-<i>`` (i counts the pauses, from 1) and waits for
   ``resume-<i>``. A test that never creates it kills the worker there.
 * Outputs are written to files, not pipes, so a worker that prints a lot never blocks.
+
+``--background`` registers the handlers with ``background=True`` and puts the challenge
+itself in the context (the handlers log its title, as the worker read it); ``--tasks
+database`` points Django's tasks framework at django-tasks-db, so ``command db_worker``
+runs a real database worker. Every ``HandlerLog`` row records the process that wrote it.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class Plan:
     """Where this worker pauses; set by :func:`main`."""
 
     sync: Path | None = None
+    with_instance: bool = False
     pauses: list[tuple[str, int]] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     paused: int = 0
@@ -80,27 +86,36 @@ def wait_for(path: Path, timeout: float = TIMEOUT) -> None:
         time.sleep(0.005)
 
 
-def worker_events(challenge: Challenge) -> Iterator[Event[dict[str, int]]]:
+def worker_events(challenge: Challenge) -> Iterator[Event[dict[str, Any]]]:
     from spark_decl import event
 
     checkpoint("source")
-    yield event(GROUP, challenge.pk, {"n": challenge.pk})
+    context: dict[str, Any] = {"n": challenge.pk}
+    if PLAN.with_instance:
+        context["challenge"] = challenge
+    yield event(GROUP, challenge.pk, context)
 
 
-def first(event: Event[dict[str, int]]) -> None:
+def first(event: Event[dict[str, Any]]) -> None:
     log("first", event)
 
 
-def second(event: Event[dict[str, int]]) -> None:
+def second(event: Event[dict[str, Any]]) -> None:
     log("second", event)
 
 
-def log(handler: str, event: Event[dict[str, int]]) -> None:
+def log(handler: str, event: Event[dict[str, Any]]) -> None:
     from django.db import transaction
 
     from tests.testapp.models import HandlerLog
 
-    HandlerLog.objects.create(handler=handler, key=event["key"])
+    challenge = event["context"].get("challenge")
+    HandlerLog.objects.create(
+        handler=handler,
+        key=event["key"],
+        pid=os.getpid(),
+        detail=challenge.title if challenge is not None else "",
+    )
     # After the write: a worker killed here dies with an uncommitted handler effect.
     checkpoint("handler")
     # Right after the call's transaction commits, before spark_decl goes on.
@@ -124,8 +139,13 @@ def setup(
     database_options: dict[str, Any],
     spark_settings: dict[str, Any],
     handlers: Sequence[str],
+    *,
+    background: bool = False,
+    tasks: str = "immediate",
 ) -> None:
     os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    if tasks == "database":
+        os.environ["SPARK_DECL_TEST_TASKS"] = "database"
     from django.conf import settings
 
     # The test database, not the development one.
@@ -142,9 +162,19 @@ def setup(
 
     connections["default"].execute_wrappers.append(watch_statements)
     registry.clear()
-    registry.add_source(Challenge, worker_events)
+    register(Challenge, handlers, background=background)
+
+
+def register(model: type[Challenge], handlers: Sequence[str], *, background: bool) -> None:
+    """This module's source and ``handlers``: what every process of a test registers."""
+    from spark_decl.registry import registry
+
+    PLAN.with_instance = background
+    registry.add_source(model, worker_events)
     for name in handlers:
-        registry.add_handler(f"^{GROUP}$", {"first": first, "second": second}[name])
+        registry.add_handler(
+            f"^{GROUP}$", {"first": first, "second": second}[name], background=background
+        )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -154,6 +184,8 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--settings", type=json.loads, default={})
     parser.add_argument("--sync", type=Path)
     parser.add_argument("--handlers", default=",".join(HANDLERS))
+    parser.add_argument("--background", action="store_true")
+    parser.add_argument("--tasks", choices=["immediate", "database"], default="immediate")
     parser.add_argument("--pause-at", action="append", default=[], metavar="KIND:N")
     parser.add_argument("--repeat-until", type=Path, metavar="FILE")
     parser.add_argument("action", choices=["command", "save", "create"])
@@ -166,6 +198,8 @@ def main(argv: Sequence[str]) -> None:
         options.database_options,
         options.settings,
         options.handlers.split(","),
+        background=options.background,
+        tasks=options.tasks,
     )
     checkpoint("start")
     while True:
@@ -269,7 +303,14 @@ class Workers:
     """Starts workers against the test database (create it once the database is set up);
     :meth:`stop_all` kills the ones still running."""
 
-    def __init__(self, sync: Path, handlers: Sequence[str] = HANDLERS) -> None:
+    def __init__(
+        self,
+        sync: Path,
+        handlers: Sequence[str] = HANDLERS,
+        *,
+        background: bool = False,
+        tasks: str = "immediate",
+    ) -> None:
         from django.db import connection
 
         if connection.vendor == "sqlite":
@@ -278,6 +319,8 @@ class Workers:
         self.database = str(connection.settings_dict["NAME"])
         self.sync = sync
         self.handlers = handlers
+        self.background = background
+        self.tasks = tasks
         self.started: list[Worker] = []
 
     def start(
@@ -296,7 +339,9 @@ class Workers:
         sync = self.sync / name
         sync.mkdir()
         argv = ["--database", self.database, "--sync", str(sync)]
-        argv += ["--handlers", ",".join(self.handlers)]
+        argv += ["--handlers", ",".join(self.handlers), "--tasks", self.tasks]
+        if self.background:
+            argv.append("--background")
         argv += ["--settings", json.dumps(settings or {})]
         argv += ["--database-options", json.dumps(database_options or {})]
         for point in pause_at:

@@ -28,6 +28,9 @@ class HandlerLog(models.Model):
 
     handler = models.CharField(max_length=100)
     key = models.CharField(max_length=255)
+    # The process that wrote the row, and what the handler saw (tests/workers.py).
+    pid = models.IntegerField(default=0)
+    detail = models.CharField(max_length=255, blank=True, default="")
 
     def __str__(self) -> str:
         return f"{self.handler}: {self.key}"

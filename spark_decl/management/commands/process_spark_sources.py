@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
 
+from spark_decl.background import enqueue_chunks
+from spark_decl.conf import get_settings
+from spark_decl.exceptions import BackgroundUnavailable
 from spark_decl.registry import registry
 from spark_decl.sources import BatchResult, Mode, process_model
 
@@ -69,6 +72,14 @@ class Command(BaseCommand):
             "over existing data without mailing everyone about the past.",
         )
         parser.add_argument(
+            "--enqueue",
+            action="store_true",
+            help="Do not process the rows here: split each model's rows into chunks of "
+            "--chunk-size primary keys and enqueue one task per chunk on Django's tasks "
+            "framework (SPARK_DECL['TASK_BACKEND']), for any number of workers to process. "
+            "Combines with --mark-only, not with --dry-run.",
+        )
+        parser.add_argument(
             "--quiet", action="store_true", help="Print nothing unless something failed."
         )
 
@@ -79,12 +90,18 @@ class Command(BaseCommand):
         chunk_size: int | None,
         dry_run: bool,
         mark_only: bool,
+        enqueue: bool,
         quiet: bool,
         verbosity: int,
         **options: Any,
     ) -> None:
         selected = self.select(models)
         mode = Mode.DRY_RUN if dry_run else Mode.MARK_ONLY if mark_only else Mode.HANDLE
+        if enqueue:
+            if dry_run:
+                raise CommandError("--enqueue cannot be combined with --dry-run.")
+            self.enqueue(selected, chunk_size=chunk_size, mode=mode, quiet=quiet)
+            return
         errors: list[str] = []
 
         def on_source_error(instance: Model, source: SourceSpec, exc: Exception) -> None:
@@ -129,6 +146,30 @@ class Command(BaseCommand):
             )
         if total.dispatch.failed and quiet:
             self.stderr.write(f"{total.dispatch.failed} handler call(s) failed.")
+
+    def enqueue(
+        self, models: list[type[Model]], *, chunk_size: int | None, mode: Mode, quiet: bool
+    ) -> None:
+        size = chunk_size or get_settings().CHUNK_SIZE
+        total = 0
+        try:
+            for model in models:
+                count = enqueue_chunks(model, chunk_size=size, mode=mode.value)
+                total += count
+                if not quiet:
+                    self.stdout.write(
+                        f"{model._meta.label}: {count} chunk task(s) of up to {size} rows"
+                    )
+        except BackgroundUnavailable as exc:
+            raise CommandError(str(exc)) from exc
+        if not quiet:
+            config = get_settings()
+            self.stdout.write(
+                f"Enqueued {total} chunk task(s) on task backend {config.TASK_BACKEND!r}, "
+                f"queue {config.TASK_QUEUE!r}"
+                + (" (claim only, no handlers)" if mode is Mode.MARK_ONLY else "")
+                + ". Workers process them; outcomes are in the admin and spark_inspect."
+            )
 
     def select(self, labels: list[str] | None) -> list[type[Model]]:
         registered = registry.models()
@@ -196,7 +237,10 @@ def describe(result: BatchResult, mode: Mode) -> str:
         return f"{text} (dry run: nothing claimed, nothing run)"
     if mode is Mode.MARK_ONLY:
         return f"{text} (claimed without running handlers)"
-    return f"{text}, {result.dispatch.calls} handled, {result.dispatch.failed} failed"
+    text = f"{text}, {result.dispatch.calls} handled, {result.dispatch.failed} failed"
+    if result.dispatch.enqueued:
+        text += f", {result.dispatch.enqueued} enqueued"
+    return text
 
 
 class Progress:

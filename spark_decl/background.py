@@ -1,0 +1,393 @@
+"""Background handlers and chunked batches on Django's tasks framework.
+
+spark_decl builds no queue: a background call is the task
+:func:`spark_decl.tasks.run_background_handler`, enqueued on the backend Django's ``TASKS``
+setting names (``SPARK_DECL["TASK_BACKEND"]``, default ``"default"``) with JSON arguments:
+the handler's dotted name and the event key. The worker loads the stored event, rebuilds
+its context (model instances fetched again) and runs the handler like every other call:
+atomically, taking the call's outcome row from ``pending`` to ``done`` in the handler's
+own transaction. A task delivered twice therefore runs the handler once.
+
+When a call is enqueued:
+
+* With ``django-tasks-db``'s ``DatabaseBackend`` writing to the database of the claim, the
+  task row is written inside the claiming transaction (an outbox): the claim and its tasks
+  commit together, or neither does.
+* With any other backend, after the claiming transaction commits (at once when there is
+  none). A backend that fails then is logged; the call stays ``pending`` and
+  ``retry_spark_events --stale-after`` runs it.
+
+A worker that dies mid-task leaves the call ``pending`` (its transaction rolled back), so
+``retry_spark_events --stale-after`` finishes it too, in the retrying process; a call
+that was done is never run again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
+
+from django.apps import apps
+from django.core.checks import Error, Warning, register
+from django.db import DEFAULT_DB_ALIAS, router, transaction
+
+from .calls import PENDING, Call, CallRunner, report_failure
+from .conf import get_settings
+from .context import ContextUnavailable, dump_context, load_context
+from .exceptions import BackgroundUnavailable, SparkError
+from .registry import registry
+
+if TYPE_CHECKING:
+    from django.core.checks import CheckMessage
+    from django.db.models import Model
+
+    from ._tasks import BaseTaskBackend, Task
+    from .registry import SourceSpec
+    from .types import Event
+
+logger = logging.getLogger("spark_decl")
+
+MISSING_FRAMEWORK = (
+    "Django's tasks framework is not installed: it is part of Django >= 6.0; on Django 5.2 "
+    "install the django-tasks backport (pip install 'spark-decl[backport]')."
+)
+
+TaskName = Literal["run_background_handler", "process_source_chunk"]
+
+
+class SourceErrors(SparkError):
+    """Sources raised for some rows of an enqueued chunk; the other rows were processed."""
+
+
+def framework_available() -> bool:
+    """Whether ``django.tasks`` or the ``django-tasks`` backport can be imported."""
+    try:
+        from . import _tasks  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get_backend() -> BaseTaskBackend:
+    """The task backend named by ``SPARK_DECL["TASK_BACKEND"]``."""
+    try:
+        from ._tasks import InvalidTaskBackend, task_backends
+    except ImportError as exc:
+        raise BackgroundUnavailable(MISSING_FRAMEWORK) from exc
+    alias = get_settings().TASK_BACKEND
+    try:
+        return task_backends[alias]
+    except InvalidTaskBackend as exc:
+        raise BackgroundUnavailable(
+            f"SPARK_DECL['TASK_BACKEND'] is {alias!r}, which the TASKS setting does not "
+            f"configure properly: {exc}"
+        ) from exc
+
+
+def get_task(name: TaskName) -> Task[..., Any]:
+    """One of :mod:`spark_decl.tasks`, on the configured backend and queue.
+
+    Raises :class:`~spark_decl.exceptions.BackgroundUnavailable` if the backend cannot
+    take it (no tasks framework, unknown backend, a queue the backend does not serve).
+    """
+    get_backend()
+    from ._tasks import InvalidTask, InvalidTaskBackend
+
+    config = get_settings()
+    try:
+        from . import tasks
+
+        task: Task[..., Any] = getattr(tasks, name)
+        if task.backend != config.TASK_BACKEND or task.queue_name != config.TASK_QUEUE:
+            task = task.using(backend=config.TASK_BACKEND, queue_name=config.TASK_QUEUE)
+    except (InvalidTask, InvalidTaskBackend) as exc:
+        raise BackgroundUnavailable(
+            f"The task backend {config.TASK_BACKEND!r} cannot run spark_decl's tasks in the "
+            f"queue {config.TASK_QUEUE!r} (SPARK_DECL['TASK_BACKEND'] / ['TASK_QUEUE']): {exc}"
+        ) from exc
+    return task
+
+
+def enqueues_with_claims(using: str) -> bool:
+    """Whether the task backend stores tasks in the database ``using`` (django-tasks-db),
+    so that tasks can be written in the claiming transaction."""
+    try:
+        from django_tasks_db.backend import DatabaseBackend
+        from django_tasks_db.models import DBTaskResult
+    except (ImportError, ValueError):  # not installed, or no tasks framework under it
+        return False
+    return isinstance(get_backend(), DatabaseBackend) and router.db_for_write(DBTaskResult) == (
+        using
+    )
+
+
+# -- the saving side ---------------------------------------------------------------------------
+
+
+def submit(calls: Sequence[Call], *, using: str) -> int:
+    """Enqueue background ``calls``: in the open transaction when the backend writes to
+    the same database (outbox), else once it commits (at once outside a transaction).
+
+    Returns how many calls were enqueued or scheduled for enqueueing. A missing or
+    misconfigured tasks framework raises
+    :class:`~spark_decl.exceptions.BackgroundUnavailable` here, before anything is
+    enqueued (inside a transaction, that rolls back the claims with it).
+    """
+    if not calls:
+        return 0
+    task = get_task("run_background_handler")
+    connection = transaction.get_connection(using)
+    if not connection.in_atomic_block:
+        return _enqueue(task, calls, using=using, robust=True)
+    if enqueues_with_claims(using):
+        return _enqueue(task, calls, using=using, robust=False)
+    transaction.on_commit(partial(_enqueue, task, calls, using=using, robust=True), using=using)
+    return len(calls)
+
+
+def _enqueue(task: Task[..., Any], calls: Sequence[Call], *, using: str, robust: bool) -> int:
+    """Enqueue each call. ``robust``: a call that cannot be enqueued is logged (a recorded
+    one stays pending for ``retry_spark_events``) and the others still are."""
+    enqueued = 0
+    for call in calls:
+        kwargs: dict[str, Any] = {"handler": call.spec.name, "key": call.event["key"]}
+        if call.outcome_id is None:
+            # Not claimed, so not stored: the worker gets the event itself.
+            kwargs["event"] = {
+                "group": call.event["group"],
+                "context": dump_context(call.event["context"], key=call.event["key"]),
+            }
+        if using != DEFAULT_DB_ALIAS:
+            kwargs["database"] = using
+        try:
+            task.enqueue(**kwargs)
+        except Exception as exc:
+            if not robust:
+                raise
+            if call.outcome_id is None:
+                report_failure(call.spec, call.event, exc)
+            else:
+                logger.error(
+                    "Could not enqueue %s for event %r; the call stays pending and "
+                    "retry_spark_events --stale-after runs it.",
+                    call.spec.name,
+                    call.event["key"],
+                    exc_info=exc,
+                )
+        else:
+            enqueued += 1
+    return enqueued
+
+
+def check_enqueueable(event: Event[Any]) -> None:
+    """Refuse, now, an unclaimed event whose background handlers could not get its
+    context (it must be storable as JSON; model instances travel as references)."""
+    dump_context(event["context"], key=event["key"])
+
+
+# -- the worker side --------------------------------------------------------------------------
+
+
+def run_call(
+    handler: str,
+    key: str,
+    *,
+    event: dict[str, Any] | None = None,
+    using: str = DEFAULT_DB_ALIAS,
+) -> str:
+    """Run one background call in this process; what the task does. See
+    :func:`spark_decl.tasks.run_background_handler`."""
+    from .models import HandlerOutcome
+    from .retry import record_unavailable, resolve_handler
+
+    spec = resolve_handler(handler)
+    if event is not None:
+        call = Call(
+            spec,
+            {"group": event["group"], "key": key, "context": load_context(event["context"])},
+        )
+    else:
+        outcome = (
+            HandlerOutcome.objects.using(using)
+            .select_related("record")
+            .filter(record__key=key, handler=spec.name)
+            .first()
+        )
+        if outcome is None:
+            logger.warning(
+                "Background call of %s for event %r skipped: no such call is recorded "
+                "(the event was pruned, or never routed to this handler).",
+                spec.name,
+                key,
+            )
+            return "skipped"
+        if outcome.status != PENDING:
+            # Done already (a task delivered twice, or retry_spark_events was first), or
+            # failed: retries belong to retry_spark_events.
+            return "skipped"
+        try:
+            context = load_context(outcome.record.context)
+        except ContextUnavailable as exc:
+            record_unavailable(outcome, exc, using=using)
+            raise
+        call = Call(
+            spec, {"group": outcome.record.group, "key": key, "context": context}, outcome.pk
+        )
+    result = CallRunner(using).run([call])
+    failures = [failure.exception for failure in result.failures]
+    result.report()
+    if failures:
+        # Recorded (and reported) already: fail the task too, so the backend shows it.
+        raise failures[0]
+    return "skipped" if result.skipped else "done"
+
+
+# -- batches in chunks ------------------------------------------------------------------------
+
+
+def enqueue_chunks(
+    model: type[Model],
+    *,
+    chunk_size: int,
+    mode: str = "handle",
+    using: str = DEFAULT_DB_ALIAS,
+    on_chunk: Callable[[int], None] | None = None,
+) -> int:
+    """Split the rows each group of ``model``'s sources scans into ranges of
+    ``chunk_size`` primary keys and enqueue one :func:`~spark_decl.tasks.process_source_chunk`
+    per range; returns the number of tasks. The last range is open-ended, so rows created
+    meanwhile are included. Reads one primary key per chunk."""
+    from .sources import source_querysets
+
+    task = get_task("process_source_chunk")
+    outbox = enqueues_with_claims(using)
+    enqueued = 0
+    for queryset, specs in source_querysets(model):
+        names = [spec.name for spec in specs]
+        pks = queryset.using(using).order_by("pk").values_list("pk", flat=True)
+        # With an outbox backend, all of a model's chunk tasks commit together.
+        with transaction.atomic(using=using) if outbox else nullcontext():
+            after: Any = None
+            while True:
+                page = pks if after is None else pks.filter(pk__gt=after)
+                boundary = list(page[chunk_size - 1 : chunk_size])
+                upto = boundary[0] if boundary else None
+                if upto is None and not page.exists():
+                    break
+                kwargs: dict[str, Any] = {
+                    "model": model._meta.label,
+                    "sources": names,
+                    "after": _json_pk(after),
+                    "upto": _json_pk(upto),
+                    "mode": mode,
+                }
+                if using != DEFAULT_DB_ALIAS:
+                    kwargs["database"] = using
+                task.enqueue(**kwargs)
+                enqueued += 1
+                if on_chunk is not None:
+                    on_chunk(enqueued)
+                if upto is None:
+                    break
+                after = upto
+    return enqueued
+
+
+def _json_pk(value: object) -> Any:
+    return value if value is None or type(value) in (int, str) else str(value)
+
+
+def run_chunk(
+    model: str,
+    sources: list[str],
+    *,
+    after: Any,
+    upto: Any,
+    mode: str = "handle",
+    using: str = DEFAULT_DB_ALIAS,
+) -> dict[str, int]:
+    """Process one enqueued chunk; what :func:`~spark_decl.tasks.process_source_chunk` does."""
+    from .sources import Mode, process_queryset, source_querysets
+
+    model_class = apps.get_model(model)
+    wanted = set(sources)
+    groups = [
+        (queryset, specs)
+        for queryset, specs in source_querysets(model_class)
+        if {spec.name for spec in specs} == wanted
+    ]
+    if not groups:
+        known = sorted(spec.name for spec in registry.sources(model_class))
+        raise SparkError(
+            f"The sources {sorted(wanted)} of {model} are not registered (together) in this "
+            f"process; registered: {known}. Do workers run the same code as the enqueuer?"
+        )
+    queryset, specs = groups[0]
+    queryset = queryset.using(using)
+    pk = model_class._meta.pk
+    assert pk is not None
+    if after is not None:
+        queryset = queryset.filter(pk__gt=pk.to_python(after))
+    if upto is not None:
+        queryset = queryset.filter(pk__lte=pk.to_python(upto))
+    errors: list[str] = []
+
+    def on_source_error(instance: Model, source: SourceSpec, exc: Exception) -> None:
+        message = f"{source.name} failed for {instance._meta.label} pk={instance.pk}: {exc}"
+        errors.append(message)
+        logger.error("Source %s", message, exc_info=exc)
+
+    result = process_queryset(
+        queryset, sources=specs, mode=Mode(mode), on_source_error=on_source_error
+    )
+    if errors:
+        raise SourceErrors(
+            f"{len(errors)} instance(s) skipped because a source raised; the first: {errors[0]}"
+        )
+    return {
+        "rows": result.rows,
+        "events": result.events,
+        "new": result.new,
+        "handled": result.dispatch.calls,
+        "failed": result.dispatch.failed,
+        "enqueued": result.dispatch.enqueued,
+    }
+
+
+# -- system checks -----------------------------------------------------------------------------
+
+
+@register()
+def check_background(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """spark_decl.E010 and W010: background handlers whose calls could not run."""
+    background = sorted(spec.name for spec in registry.handlers() if spec.background)
+    if not background:
+        return []
+    try:
+        get_task("run_background_handler")
+    except BackgroundUnavailable as exc:
+        return [
+            Error(
+                f"{len(background)} handler(s) have background=True, e.g. {background[0]}, "
+                f"but their calls cannot be enqueued: {exc}",
+                hint="Install and configure Django's tasks framework (the TASKS setting), "
+                "or register the handlers without background=True.",
+                id="spark_decl.E010",
+            )
+        ]
+    from ._tasks import DummyBackend
+
+    if isinstance(get_backend(), DummyBackend):
+        return [
+            Warning(
+                f"The task backend {get_settings().TASK_BACKEND!r} is a DummyBackend: the "
+                f"calls of {len(background)} background handler(s), e.g. {background[0]}, "
+                "are enqueued but never run.",
+                hint="Use a backend with workers (e.g. django-tasks-db) outside tests.",
+                id="spark_decl.W010",
+            )
+        ]
+    return []
