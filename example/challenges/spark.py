@@ -9,11 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TypedDict
 
-from django.core.mail import EmailMessage
-from django.template.loader import render_to_string
 from django.utils import timezone
 
-from spark_decl import Event, event, event_source, handles
+from spark_decl import Event, event, event_source, handles, mail
 
 from .models import Challenge
 
@@ -46,16 +44,14 @@ def events_from_challenge(challenge: Challenge) -> Iterator[Event[ChallengeConte
         yield event("challenge_ended", challenge.pk, context)
 
 
-@handles(r"^challenge")
-def send_challenge_mails(event: Event[ChallengeContext]) -> None:
-    """Mail the challenge's owner, with one template per event group.
-
-    ``challenges/mails/<group>.txt`` holds the subject on its first line and the body after.
-    No ``fail_silently``: if sending fails, spark_decl records the failure with its traceback
-    and ``manage.py retry_spark_events`` sends the mail later.
-    """
-    challenge = event["context"]["challenge"]
-    subject, _, body = render_to_string(
-        f"challenges/mails/{event['group']}.txt", {"challenge": challenge}
-    ).partition("\n")
-    EmailMessage(subject.strip(), body.strip() + "\n", to=[challenge.user.email]).send()
+# One template per group, challenges/mails/<group>.txt: the subject on its first line, the
+# body after it (a <group>.html beside it would become the HTML alternative). Sending errors
+# are not silenced: spark_decl records the failed call with its traceback and
+# `manage.py retry_spark_events` sends the mail later.
+send_challenge_mails = handles(r"^challenge")(
+    mail.templated(
+        "challenges/mails/{group}.txt",
+        name="send_challenge_mails",
+        recipients=lambda event: [event["context"]["challenge"].user.email],
+    )
+)
