@@ -164,6 +164,8 @@ def _enqueue_with_claims(claimed: list[Event[Any]], *, using: str) -> None:
     """Inside the claiming transaction, enqueue the background calls of ``claimed`` now if
     the task backend writes to this database (an outbox: they commit with the claims).
     Their claims are marked, so the dispatch after commit does not enqueue them again."""
+    if handlers_suppressed:  # capture_events(run_handlers=False): nothing is enqueued
+        return
     owing = [
         event
         for event in claimed

@@ -526,3 +526,18 @@ def test_w010_background_handlers_on_a_dummy_backend(dummy: DummyBackend) -> Non
 def test_no_background_check_without_background_handlers(isolated_registry: Registry) -> None:
     with override_settings(SPARK_DECL={"TASK_BACKEND": "missing"}):
         assert check_ids() == []
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("welcome")
+def test_a_claim_made_while_handlers_are_suppressed_is_enqueued_at_its_commit() -> None:
+    from spark_decl.testing import capture_events
+
+    with override_settings(TASKS=DATABASE), transaction.atomic():
+        with capture_events(run_handlers=False):
+            challenge = Challenge.objects.create(title="Outlived the capture")
+        # Suppressed when claimed: not written with the claim...
+        assert not DBTaskResult.objects.exists()
+    # ...but the dispatch after commit is not suppressed, so it is enqueued then.
+    [task] = DBTaskResult.objects.all()
+    assert task.args_kwargs["kwargs"]["key"] == f"challenge_created_{challenge.pk}"

@@ -25,8 +25,8 @@ from spark_decl.exceptions import RegistrationError
 from spark_decl.management.commands.process_spark_sources import Command
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry, SourceSpec, function_name
-from spark_decl.signals import event_dispatched
 from spark_decl.sources import BatchResult, Mode, process_model
+from spark_decl.testing import capture_events
 from tests.conftest import logged_keys
 from tests.testapp.models import Challenge, Donation, HandlerLog
 
@@ -331,21 +331,13 @@ def test_dry_run_counts_new_keys_and_writes_nothing(isolated_registry: Registry)
         # The same key from every instance: new once, however many rows produce it.
         yield event("digest", "today")
 
-    dispatched: list[object] = []
-
-    def receiver(**kwargs: object) -> None:
-        dispatched.append(kwargs)
-
     seen = Challenge.objects.create(title="seen")  # its challenge_created is claimed on save
     unseen = Challenge.objects.bulk_create(Challenge(title=str(i)) for i in range(3))
     records, outcomes = EventRecord.objects.count(), HandlerOutcome.objects.count()
     assert logged_keys() == created(seen)
 
-    event_dispatched.connect(receiver)
-    try:
+    with capture_events() as dispatched:
         result = process_queryset(Challenge.objects.all(), mode=Mode.DRY_RUN)
-    finally:
-        event_dispatched.disconnect(receiver)
 
     assert (result.rows, result.events) == (4, 8)
     # Three unseen challenge_created keys and the digest; the seen key is not new.
@@ -365,16 +357,8 @@ def test_dry_run_counts_new_keys_and_writes_nothing(isolated_registry: Registry)
 @pytest.mark.django_db(transaction=True)
 def test_mark_only_claims_without_handlers_and_later_runs_handle_nothing() -> None:
     challenges = Challenge.objects.bulk_create(Challenge(title=str(i)) for i in range(3))
-    dispatched: list[object] = []
-
-    def receiver(**kwargs: object) -> None:
-        dispatched.append(kwargs)
-
-    event_dispatched.connect(receiver)
-    try:
+    with capture_events() as dispatched:
         result = process_queryset(Challenge.objects.all(), mode=Mode.MARK_ONLY)
-    finally:
-        event_dispatched.disconnect(receiver)
 
     assert (result.rows, result.events, result.new) == (3, 3, 3)
     assert result.dispatch == DispatchResult()

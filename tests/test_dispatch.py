@@ -15,7 +15,7 @@ from pytest_django import Settings
 
 from spark_decl import Event, handles
 from spark_decl.models import EventRecord, HandlerOutcome
-from spark_decl.signals import event_dispatched
+from spark_decl.testing import capture_events
 from tests.conftest import logged_keys
 from tests.testapp.models import Challenge, HandlerLog
 
@@ -96,21 +96,16 @@ def test_saves_in_one_transaction_are_dispatched_together_after_it_commits(
     settings: Settings,
 ) -> None:
     settings.SPARK_DECL = {"TRANSACTION_SECONDS": 3600}  # grouping independent of the machine
-    dispatched: list[str] = []
-
-    def receiver(event: Event[object], **kwargs: object) -> None:
-        dispatched.append(event["key"])
-
-    event_dispatched.connect(receiver)
-    try:
-        with CaptureQueriesContext(connection) as context, transaction.atomic():
-            challenges = [Challenge.objects.create(title=str(i)) for i in range(30)]
-            assert logged_keys() == []
-    finally:
-        event_dispatched.disconnect(receiver)
+    with (
+        capture_events() as dispatched,
+        CaptureQueriesContext(connection) as context,
+        transaction.atomic(),
+    ):
+        challenges = [Challenge.objects.create(title=str(i)) for i in range(30)]
+        assert logged_keys() == []
     keys = [f"challenge_created_{c.pk}" for c in challenges]
     assert logged_keys() == keys
-    assert dispatched == keys
+    assert dispatched.keys == keys
     during, after_commit = (
         statements(context, skip=("testapp_",))[:60],
         statements(context, skip=("testapp_",))[60:],

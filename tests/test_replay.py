@@ -18,7 +18,8 @@ from spark_decl.exceptions import InvalidPattern
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry, function_name
 from spark_decl.retry import UnknownHandler, replay_events
-from spark_decl.signals import event_dispatched, handler_failed
+from spark_decl.signals import handler_failed
+from spark_decl.testing import capture_events
 from spark_decl.validation import validate_event
 from tests.conftest import CHALLENGE_HANDLER, logged_keys
 from tests.test_retry import run_workers
@@ -183,16 +184,8 @@ def test_a_failing_replayed_call_is_recorded_signalled_and_retried(late: Late) -
 
 @pytest.mark.django_db(transaction=True)
 def test_replay_does_not_send_event_dispatched(late: Late) -> None:
-    dispatched: list[Any] = []
-
-    def receiver(sender: object, **kwargs: Any) -> None:
-        dispatched.append(kwargs)
-
-    event_dispatched.connect(receiver)
-    try:
+    with capture_events() as dispatched:
         replay_events(late.name, group="^challenge")
-    finally:
-        event_dispatched.disconnect(receiver)
     assert len(late.received) == 2
     assert dispatched == []
 

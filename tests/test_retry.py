@@ -26,7 +26,8 @@ from spark_decl.claims import claim_events
 from spark_decl.models import HandlerOutcome
 from spark_decl.registry import Registry, function_name
 from spark_decl.retry import due_outcomes, retry_outcomes
-from spark_decl.signals import event_dispatched, handler_failed
+from spark_decl.signals import handler_failed
+from spark_decl.testing import capture_events
 from spark_decl.validation import validate_event
 from tests.conftest import CHALLENGE_HANDLER, logged_keys
 from tests.testapp.models import Challenge, HandlerLog
@@ -97,17 +98,9 @@ def test_retry_reruns_only_the_failed_handler(flaky: Flaky) -> None:
 @pytest.mark.django_db(transaction=True)
 def test_retry_does_not_send_event_dispatched(flaky: Flaky) -> None:
     Challenge.objects.create(title="x")
-    dispatched: list[Any] = []
-
-    def receiver(sender: object, **kwargs: Any) -> None:
-        dispatched.append(kwargs["event"])
-
-    event_dispatched.connect(receiver)
-    try:
-        flaky.broken = False
+    flaky.broken = False
+    with capture_events() as dispatched:
         retry()
-    finally:
-        event_dispatched.disconnect(receiver)
     assert outcome_of(flaky.name).status == HandlerOutcome.Status.DONE
     assert dispatched == []
 
