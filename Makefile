@@ -24,12 +24,15 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Style, types (tests/typing_pass.py and tests/typing_fail.py are type tests), and
-# models without a migration.
+# Style; types with mypy (mypy.ini) and pyright ([tool.pyright] in pyproject.toml, what VS
+# Code's Pylance runs), both including the type tests tests/typing_pass.py and
+# tests/typing_fail.py; models without a migration. pyright runs on the Node.js and the
+# pyright that its wheels bring: nothing is downloaded, nor a newer version looked up.
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy spark_decl tests $(wildcard example)
+	PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(BIN)/pyright --pythonpath $(BIN)/python
 	DJANGO_SETTINGS_MODULE=tests.settings $(BIN)/python -m django makemigrations --check --dry-run
 
 docs: $(VENV)/.installed

@@ -25,6 +25,10 @@ from .retry import retry_records
 
 CONTEXT_PREVIEW_CHARS = 5_000
 TRACEBACK_PREVIEW_CHARS = 20_000
+# The filters' query parameters. Constants, because django-stubs declares
+# SimpleListFilter.parameter_name as ``str | None``.
+STATUS_PARAMETER = "status"
+HANDLER_PARAMETER = "handler"
 
 # The admin classes are generic only for the type checker (django-stubs).
 if TYPE_CHECKING:
@@ -37,7 +41,10 @@ else:
 
 def has_event_permission(request: HttpRequest, action: str) -> bool:
     opts = EventRecord._meta
-    return request.user.has_perm(f"{opts.app_label}.{get_permission_codename(action, opts)}")
+    # has_perm is on the AUTH_USER_MODEL, which only django-stubs' mypy plugin resolves.
+    return request.user.has_perm(  # pyright: ignore[reportAttributeAccessIssue]
+        f"{opts.app_label}.{get_permission_codename(action, opts)}"
+    )
 
 
 class ReadOnlyMixin:
@@ -73,8 +80,8 @@ def outcome_exists(request: HttpRequest) -> Exists:
     wanted = {
         name: request.GET[parameter]
         for name, parameter in (
-            ("status", OutcomeStatusFilter.parameter_name),
-            ("handler", HandlerFilter.parameter_name),
+            ("status", STATUS_PARAMETER),
+            ("handler", HANDLER_PARAMETER),
         )
         if request.GET.get(parameter)
     }
@@ -83,7 +90,7 @@ def outcome_exists(request: HttpRequest) -> Exists:
 
 class OutcomeStatusFilter(admin.SimpleListFilter):
     title = _("handler status")
-    parameter_name = "status"
+    parameter_name = STATUS_PARAMETER
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[Any, str]]:
         return [(value, str(label)) for value, label in HandlerOutcome.Status.choices]
@@ -96,7 +103,7 @@ class OutcomeStatusFilter(admin.SimpleListFilter):
 
 class HandlerFilter(admin.SimpleListFilter):
     title = _("handler")
-    parameter_name = "handler"
+    parameter_name = HANDLER_PARAMETER
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[Any, str]]:
         names = (
@@ -106,7 +113,7 @@ class HandlerFilter(admin.SimpleListFilter):
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         # With a status chosen too, OutcomeStatusFilter already applied both.
-        if not self.value() or request.GET.get(OutcomeStatusFilter.parameter_name):
+        if not self.value() or request.GET.get(STATUS_PARAMETER):
             return queryset
         return queryset.filter(outcome_exists(request))
 

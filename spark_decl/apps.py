@@ -22,7 +22,8 @@ class SimpleSparkDeclConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401  (registers the checks)
+        # Imported for its side effect: registering the system checks.
+        from . import checks  # noqa: F401  # pyright: ignore[reportUnusedImport]
         from .sources import on_post_save
 
         post_save.connect(on_post_save, dispatch_uid="spark_decl.sources.on_post_save")

@@ -65,7 +65,7 @@ class SourceErrors(SparkError):
 def framework_available() -> bool:
     """Whether ``django.tasks`` or the ``django-tasks`` backport can be imported."""
     try:
-        from . import _tasks  # noqa: F401
+        from . import _tasks  # noqa: F401  # pyright: ignore[reportUnusedImport]
     except ImportError:
         return False
     return True

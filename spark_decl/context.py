@@ -49,7 +49,7 @@ def _dump(value: object, path: tuple[str | int, ...], key: str) -> Any:
     if kind is int or kind is bool or value is None:
         return value
     if kind is str:
-        if NUL in value:  # type: ignore[operator]
+        if NUL in value:  # type: ignore[operator]  # pyright: ignore[reportOperatorIssue]
             raise InvalidContext(
                 f"Event {key!r}: {_where(path)} contains a NUL character. {NUL_REASON}"
             )
@@ -138,7 +138,8 @@ def load_context(data: Any) -> Any:
             return Decimal(value)
         case "uuid":
             return uuid.UUID(value)
-    raise ContextUnavailable(f"Unknown stored context tag {tag!r}.")
+        case _:
+            raise ContextUnavailable(f"Unknown stored context tag {tag!r}.")
 
 
 def _fetch(label: str, pk: object) -> Model:

@@ -24,7 +24,7 @@ import logging
 import string
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from django.core.mail import EmailMultiAlternatives
 from django.template import TemplateDoesNotExist
@@ -92,7 +92,8 @@ def templated(
     """
     if module is None:
         # The caller's module, as collections.namedtuple finds it.
-        module = sys._getframe(1).f_globals.get("__name__", "__main__")
+        caller = sys._getframe(1)  # pyright: ignore[reportPrivateUsage]
+        module = str(caller.f_globals.get("__name__", "__main__"))
     return TemplatedMail(
         template,
         name=name,
@@ -153,7 +154,7 @@ class TemplatedMail:
                 )
 
         self.template = template
-        self.html_template = html_template
+        self.html_template: str | Literal[False] = html_template
         self.html_optional = html_optional
         self.recipients = recipients
         self.extra_context = context
@@ -206,14 +207,15 @@ class TemplatedMail:
 
     def get_recipients(self, event: Event[Any]) -> list[str]:
         """``recipients(event)``, checked, without blanks and duplicates."""
-        addresses = self.recipients(event)
+        # Typed as the user's callable promises; checked as what it may really return.
+        addresses: object = self.recipients(event)
         if isinstance(addresses, str):
             raise MailError(
                 f"recipients() of {self.__module__}.{self.__qualname__} returned the str "
                 f"{addresses!r} for event {event['key']!r}; return a list of addresses."
             )
         result: list[str] = []
-        for address in addresses:
+        for address in cast("Iterable[object]", addresses):
             if not isinstance(address, str):
                 raise MailError(
                     f"recipients() of {self.__module__}.{self.__qualname__} returned "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from inspect import iscoroutinefunction
@@ -192,7 +192,7 @@ class Registry:
             self._routes.clear()
 
     @contextmanager
-    def isolated(self) -> Iterator[Registry]:
+    def isolated(self) -> Generator[Registry, None, None]:
         """Run a block with a copy of the registry, restoring the original afterwards."""
         with self._lock:
             saved = (

@@ -18,7 +18,7 @@ def validate_event(candidate: object, *, source: str | None = None) -> Event[Any
     are kept, as django-spark allowed.
     """
     if type(candidate) is dict and _is_valid(candidate):
-        return candidate  # type: ignore[return-value]
+        return candidate  # type: ignore[return-value]  # pyright: ignore[reportReturnType]
     origin = f" from source {source}" if source else ""
     if not isinstance(candidate, Mapping):
         raise InvalidEvent(
