@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from inspect import iscoroutinefunction
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .exceptions import InvalidPattern, RegistrationError
 
@@ -66,7 +66,12 @@ class HandlerSpec:
 def compile_pattern(pattern: object, *, where: str) -> re.Pattern[str]:
     """Compile a group pattern, raising :class:`InvalidPattern` that names ``where`` it was."""
     if isinstance(pattern, re.Pattern):
-        return pattern
+        if not isinstance(pattern.pattern, str):
+            raise InvalidPattern(
+                f"The pattern in {where} must match str groups; got the bytes pattern "
+                f"{pattern.pattern!r}."
+            )
+        return cast("re.Pattern[str]", pattern)
     if not isinstance(pattern, str):
         raise InvalidPattern(
             f"The pattern in {where} must be a str or a compiled regex, "

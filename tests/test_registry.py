@@ -233,7 +233,7 @@ def test_stacked_handles_with_different_background_is_an_error() -> None:
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("isolated_registry")
-def test_background_handlers_run_after_commit_for_now() -> None:
+def test_background_handlers_run_after_commit_on_the_default_immediate_backend() -> None:
     calls: list[str] = []
 
     @handles(r"^challenge_created$", background=True)
@@ -280,6 +280,14 @@ def test_invalid_patterns_fail_at_decoration_time(pattern: str) -> None:
 def test_a_pattern_that_is_not_a_string_is_an_error() -> None:
     with pytest.raises(InvalidPattern, match="must be a str"):
         handles(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("isolated_registry")
+def test_a_compiled_bytes_pattern_is_an_error_at_decoration_time() -> None:
+    # Accepted, it would raise TypeError in every save that routes an event.
+    with pytest.raises(InvalidPattern, match=r"must match str groups.*b'\^x'"):
+        handles(re.compile(b"^x"))  # type: ignore[arg-type]
+    assert registry.handlers_for("x") == ()
 
 
 # -- @event_source ----------------------------------------------------------------------
