@@ -5,6 +5,7 @@ Importable before the app registry is ready: nothing here imports models at modu
 
 from __future__ import annotations
 
+from .aio import aonly_new_events, aprocess_events
 from .claims import only_new_events
 from .decorators import event_source, handles
 from .dispatch import process_events
@@ -13,6 +14,8 @@ from .types import Event, event
 
 __all__ = [
     "Event",
+    "aonly_new_events",
+    "aprocess_events",
     "event",
     "event_source",
     "handles",
