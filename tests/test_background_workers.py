@@ -12,6 +12,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from django.core.management import call_command
@@ -131,7 +132,10 @@ def test_three_workers_process_an_enqueued_batch_each_key_once(
 
     assert_all_handled_once(pks)
     assert task_statuses() == {"SUCCESSFUL": rows // 250}
-    results = DBTaskResult.objects.values_list("return_value", flat=True)
+    results = [
+        cast("dict[str, int]", result)
+        for result in DBTaskResult.objects.values_list("return_value", flat=True)
+    ]
     assert sum(result["rows"] for result in results) == rows
     assert sum(result["new"] for result in results) == rows
     assert sum(result["handled"] for result in results) == 2 * rows
