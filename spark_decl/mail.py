@@ -181,8 +181,16 @@ class TemplatedMail:
             )
             return
         if self.connection is not None:
-            message.connection = self.connection()
-        message.send(fail_silently=self.fail_silently)
+            # Handed to the backend directly: Django 6.1 deprecates message.connection.
+            backend = self.connection()
+            if self.fail_silently:
+                backend.fail_silently = True
+            backend.send_messages([message])
+        elif self.fail_silently:
+            message.send(fail_silently=True)
+        else:
+            # No fail_silently argument: Django 6.1 deprecates it, even when False.
+            message.send()
 
     def message(self, event: Event[Any]) -> EmailMultiAlternatives:
         """The mail for ``event``, rendered and addressed but not sent."""
