@@ -77,6 +77,51 @@ class SparkDecl:
         return EventRecord.objects.count()
 
 
+class ClaimFloor(SparkDecl):
+    """Not a package: the least that a claim made inside the saving transaction costs.
+
+    Registering connects a ``post_save`` receiver for :class:`Item` that makes the one
+    statement such a claim cannot do without, through Django's cursor: the ``INSERT ...
+    ON CONFLICT (key) DO NOTHING RETURNING`` of the event's row into spark_decl's
+    ``EventRecord`` (its indexes, the context as spark_decl stores it), every value
+    computed as cheaply as possible. No source, no validation, no outcome row, no handler.
+    The worker's ``save_floor`` measure runs figure 6 with it: the floor of that figure.
+    """
+
+    name = "claim_floor"
+
+    def __init__(self) -> None:
+        self._created_at: Any = None
+
+    def register(self) -> None:
+        from django.db import connection
+        from django.db.models.signals import post_save
+        from django.utils import timezone
+
+        self._created_at = connection.ops.adapt_datetimefield_value(timezone.now())
+        post_save.connect(self.claim, sender=Item, dispatch_uid="benchmarks.claim_floor")
+
+    def unregister(self) -> None:
+        from django.db.models.signals import post_save
+
+        post_save.disconnect(sender=Item, dispatch_uid="benchmarks.claim_floor")
+
+    def claim(self, sender: type[Item], instance: Item, using: str, **kwargs: Any) -> None:
+        from django.db import connections
+
+        connection = connections[using]
+        json = "%s::jsonb" if connection.vendor == "postgresql" else "%s"
+        context = '{"item": {"__spark__": "model", "model": "benchapp.item", "pk": %d}}'
+        with connection.cursor() as cursor:
+            cursor.execute(
+                'INSERT INTO "spark_decl_eventrecord" ("key", "group", "context", "created_at") '
+                f"VALUES (%s, %s, {json}, %s) "
+                'ON CONFLICT ("key") DO NOTHING RETURNING "id"',
+                [f"{GROUP}_{instance.pk}", GROUP, context % instance.pk, self._created_at],
+            )
+            cursor.fetchone()
+
+
 class DjangoSpark:
     name = "django_spark"
 

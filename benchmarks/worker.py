@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from .packages import Package
 
 MEASURES = ("bare", "batch", "dispatch", "save_autocommit", "save_atomic", "memory")
+# Diagnostics, run by hand (not by benchmarks/run.py).
+DIAGNOSTICS = ("save_floor",)
 POPULATE_BATCH = 2_000
 ITERATOR_CHUNK = 2_000
 UNMATCHED_PATTERNS = 100
@@ -290,6 +292,15 @@ def measure_memory(package: Package, args: argparse.Namespace) -> Result:
     return {"memory": {"rows": args.rows, "peak_bytes": peak, "seconds_traced": seconds}}
 
 
+def measure_save_floor(args: argparse.Namespace) -> Result:
+    """Figure 6 with :class:`~benchmarks.packages.ClaimFloor` instead of a package: plain
+    saves against saves that each make only the one ``INSERT`` any claim inside the
+    saving transaction needs. Its overhead is the floor of figure 6 (spark_decl only)."""
+    from .packages import ClaimFloor
+
+    return measure_save(ClaimFloor(), args, atomic=True)
+
+
 MEASURE_FUNCTIONS: dict[str, Callable[[Package, argparse.Namespace], Result]] = {
     "bare": measure_bare,
     "batch": measure_batch,
@@ -297,6 +308,7 @@ MEASURE_FUNCTIONS: dict[str, Callable[[Package, argparse.Namespace], Result]] = 
     "save_autocommit": lambda package, args: measure_save(package, args, atomic=False),
     "save_atomic": lambda package, args: measure_save(package, args, atomic=True),
     "memory": measure_memory,
+    "save_floor": lambda package, args: measure_save_floor(args),
 }
 
 
@@ -306,7 +318,7 @@ MEASURE_FUNCTIONS: dict[str, Callable[[Package, argparse.Namespace], Result]] = 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.worker", description=__doc__)
     parser.add_argument("package", choices=("spark_decl", "django_spark"))
-    parser.add_argument("measure", choices=MEASURES)
+    parser.add_argument("measure", choices=MEASURES + DIAGNOSTICS)
     parser.add_argument("--rows", type=int, default=10_000, help="rows / events (default 10000)")
     parser.add_argument("--saves", type=int, default=1_000, help="saves for save_* measures")
     parser.add_argument("--repeats", type=int, default=3, help="best of at most this many")
@@ -319,7 +331,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="write a cProfile of the timed runs (batch: the first passes only; saves: the "
         "runs with a source only)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.measure in DIAGNOSTICS and args.package != "spark_decl":
+        parser.error(f"{args.measure} measures spark_decl's tables: run it as spark_decl.")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,13 @@ first: a conditional ``UPDATE`` moves its row from ``pending`` (or ``failed``) t
 in the same transaction as the handler. That update is the lock that keeps two processes
 from running one call, and a crash rolls it back with the handler's writes, leaving the
 call pending for ``retry_spark_events``.
+
+A call whose event was claimed in the same, still open, transaction has no row to take
+yet, and needs no lock: no other process can see the claim before it commits. Its row is
+written after it ran, with its result (``done``, or ``failed`` with the error), by one
+multi-row ``INSERT`` per segment; the calls the segment did not reach get ``pending`` rows
+then, and are taken like any recorded call by the segments that follow. Either way a
+call's row commits with the handler's writes, or rolls back with them.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from django.db import connections, transaction
 from django.db.transaction import Atomic, TransactionManagementError
 from django.utils import timezone
 
+from .claims import db_datetime, insert_rows
 from .conf import get_settings
 from .signals import handler_failed
 
@@ -48,7 +56,12 @@ MAX_GROUP_SIZE = 900  # parameters stay under SQLite's historic 999
 
 @dataclass(slots=True)
 class Call:
-    """One handler to run for one event; ``outcome_id`` is ``None`` for unrecorded calls."""
+    """One handler to run for one event; ``outcome_id`` is ``None`` for unrecorded calls.
+
+    ``record_id`` is the event's claim, set by the dispatch of claimed events. A call with a
+    ``record_id`` and no ``outcome_id`` was claimed in the open transaction and its row is
+    not written yet: :meth:`CallRunner.record_outcomes` writes it.
+    """
 
     spec: HandlerSpec
     event: Event[Any]
@@ -56,6 +69,7 @@ class Call:
     # For retries: the call is only taken if its row still has this status and attempts.
     status: str = PENDING
     attempts: int | None = None
+    record_id: int | None = None
 
 
 @dataclass
@@ -96,6 +110,9 @@ class CallRunner:
         self.result = RunResult()
         self._budget = get_settings().TRANSACTION_SECONDS
         self._block = transaction.Atomic(using, savepoint=True, durable=False)
+        # What the calls without a row yet came to, by id(call): (status, attempts, error,
+        # traceback, next attempt ready for the database), until record_outcomes().
+        self._outcomes: dict[int, tuple[str, int, str, str, Any]] = {}
 
     def run(self, calls: Sequence[Call], start: int = 0) -> RunResult:
         """Run ``calls[start:]`` in order, committing about every ``TRANSACTION_SECONDS``."""
@@ -109,9 +126,10 @@ class CallRunner:
         """Inside an open transaction, run calls from ``index`` until the time budget is
         spent; return the index of the first call not run.
 
-        Calls are taken a group at a time. The first group is one call; the next is sized
-        from the time per call so far to fill what is left of the budget, so fast handlers
-        are taken with a few statements per chunk and slow ones still commit on time.
+        Recorded calls are taken a group at a time. The first group is one call; the next
+        is sized from the time per call so far to fill what is left of the budget, so fast
+        handlers are taken with a few statements per chunk and slow ones still commit on
+        time.
         """
         started = time.monotonic()
         group_size = 1
@@ -136,8 +154,40 @@ class CallRunner:
             cursor.close()
         return index
 
+    def record_outcomes(self, calls: Sequence[Call]) -> None:
+        """Inside the transaction that claimed their events, write the outcome rows of
+        ``calls`` (calls without a row yet): each call that ran gets its result, each other
+        call a ``pending`` row, and its ``outcome_id``, so that a later segment takes it
+        like any recorded call."""
+        from .models import HandlerOutcome
+
+        now = db_datetime(self.connection, timezone.now())
+        finished: list[tuple[Any, ...]] = []
+        pending: list[Call] = []
+        for call in calls:
+            outcome = self._outcomes.pop(id(call), None)
+            if outcome is None:
+                pending.append(call)
+            else:
+                status, attempts, error, trace, next_attempt_at = outcome
+                finished_at = now if status == DONE else None
+                row = (call.record_id, call.spec.name, status, attempts, error, trace)
+                finished.append((*row, now, finished_at, next_attempt_at))
+        new_rows = [
+            (call.record_id, call.spec.name, PENDING, 0, "", "", now, None, None)
+            for call in pending
+        ]
+        with self.connection.cursor() as cursor:
+            insert_rows(cursor, HandlerOutcome, OUTCOME_FIELDS, finished)
+            inserted = insert_rows(
+                cursor, HandlerOutcome, OUTCOME_FIELDS, new_rows, returning=RETURNING
+            )
+        ids = {(record_id, handler): pk for pk, record_id, handler in inserted}
+        for call in pending:
+            call.outcome_id = ids[call.record_id, call.spec.name]
+
     def _run_one(self, call: Call, taken: dict[int, int], guard: CallSavepoint) -> None:
-        attempts = 0
+        attempts = 1
         if call.outcome_id is not None:
             if call.outcome_id not in taken:
                 self.result.skipped += 1
@@ -151,17 +201,25 @@ class CallRunner:
             self.result.failures.append(Failure(call, exc))
             if call.outcome_id is not None:
                 record_failure(call.outcome_id, attempts, exc, using=self.using)
+            elif call.record_id is not None:
+                status, next_attempt_at = schedule_after_failure(attempts, timezone.now())
+                error, trace = describe(exc)
+                if next_attempt_at is not None:
+                    next_attempt_at = db_datetime(self.connection, next_attempt_at)
+                self._outcomes[id(call)] = (status, attempts, error, trace, next_attempt_at)
         else:
             self.result.succeeded += 1
+            if call.outcome_id is None and call.record_id is not None:
+                self._outcomes[id(call)] = SUCCEEDED
 
     def _take(self, group: Sequence[Call]) -> dict[int, int]:
         """Mark the group's recorded calls done (if still runnable); return id -> attempts.
 
-        Fresh calls (pending, any attempts) are taken with one statement; retries of failed
-        calls one at a time, each only if its attempts are still what the caller saw.
+        Calls left pending are taken with one statement; retries of failed calls one at a
+        time, each only if its attempts are still what the caller saw.
         """
-        fresh = [c.outcome_id for c in group if c.outcome_id is not None and c.attempts is None]
-        taken = take_outcomes(self.connection, fresh, status=PENDING) if fresh else {}
+        pending = [c.outcome_id for c in group if c.outcome_id is not None and c.attempts is None]
+        taken = take_outcomes(self.connection, pending, status=PENDING) if pending else {}
         for call in group:
             if call.outcome_id is not None and call.attempts is not None:
                 taken.update(
@@ -173,6 +231,21 @@ class CallRunner:
                     )
                 )
         return taken
+
+
+OUTCOME_FIELDS = (
+    "record",
+    "handler",
+    "status",
+    "attempts",
+    "last_error",
+    "traceback",
+    "created_at",
+    "finished_at",
+    "next_attempt_at",
+)
+RETURNING = ("id", "record", "handler")
+SUCCEEDED = (DONE, 1, "", "", None)  # a first attempt, done
 
 
 SAVEPOINT = "SAVEPOINT spark_decl_call"
@@ -303,13 +376,19 @@ def record_failure(outcome_id: int, attempts: int, exc: Exception, *, using: str
     from .models import HandlerOutcome
 
     status, next_attempt_at = schedule_after_failure(attempts, timezone.now())
+    error, trace = describe(exc)
     HandlerOutcome.objects.using(using).filter(pk=outcome_id).update(
         status=status,
         next_attempt_at=next_attempt_at,
         finished_at=None,
-        last_error=f"{type(exc).__name__}: {exc}"[:10_000],
-        traceback="".join(traceback.format_exception(exc)),
+        last_error=error,
+        traceback=trace,
     )
+
+
+def describe(exc: Exception) -> tuple[str, str]:
+    """A failed call's stored error message and traceback."""
+    return f"{type(exc).__name__}: {exc}"[:10_000], "".join(traceback.format_exception(exc))
 
 
 def schedule_after_failure(attempts: int, now: datetime) -> tuple[str, datetime | None]:

@@ -4,7 +4,8 @@ Handlers run after the transaction that claimed their events commits. Claims mad
 caller's transaction (a ``save()`` in ``transaction.atomic()``) are collected per
 connection and dispatched together once it commits, so a transaction of 2,000 saves
 costs one dispatch, not 2,000. Outside a transaction, the claim and the first handler
-calls share one transaction (one commit).
+calls share one transaction (one commit), and the outcome rows of those calls are written
+once, with their results, instead of ``pending`` and then ``done``.
 """
 
 from __future__ import annotations
@@ -93,10 +94,7 @@ def schedule(events: list[Event[Any]], *, using: str) -> DispatchResult | None:
         return dispatch(events, using=using)
     claimed = [event for event in events if _claim_of(event) is not None]
     if claimed:
-        _enqueue_with_claims(claimed, using=using)
-        pending = _Pending(claimed, using)
-        _queue(connection).append(pending)
-        transaction.on_commit(pending, using=using, robust=True)
+        _dispatch_on_commit(claimed, connection, using=using)
     if len(claimed) < len(events):
         unclaimed = _Pending([event for event in events if _claim_of(event) is None], using)
         transaction.on_commit(unclaimed, using=using, robust=True)
@@ -113,14 +111,25 @@ def claim_and_dispatch(events: Sequence[Event[Any]], *, using: str) -> tuple[int
     if connection.in_atomic_block:
         claimed = claim_events(events, using=using)
         if claimed:
-            schedule(claimed, using=using)
+            _dispatch_on_commit(claimed, connection, using=using)
         return len(claimed), DispatchResult()
     runner = CallRunner(using)
     with transaction.atomic(using=using):
-        claimed = claim_events(events, using=using)
+        claimed = claim_events(events, using=using, run_here=True)
         calls, enqueued = _submit_background(_calls(claimed), using=using)
         done = runner.run_segment(calls)
+        runner.record_outcomes(_unrecorded(claimed, calls))
     return len(claimed), _finish(runner, claimed, calls, done, enqueued)
+
+
+def _dispatch_on_commit(
+    claimed: list[Event[Any]], connection: BaseDatabaseWrapper, *, using: str
+) -> None:
+    """Dispatch events claimed in the open transaction once it commits."""
+    _enqueue_with_claims(claimed, using=using)
+    pending = _Pending(claimed, using)
+    _queue(connection).append(pending)
+    connection.on_commit(pending, robust=True)
 
 
 def dispatch(events: Sequence[Event[Any]], *, using: str = DEFAULT_DB_ALIAS) -> DispatchResult:
@@ -189,11 +198,28 @@ def _calls(events: Iterable[Event[Any]]) -> list[Call]:
             calls.extend(Call(spec, event) for spec in registry.handlers_for(event["group"]))
         else:
             calls.extend(
-                Call(spec, event, outcome_id)
+                Call(spec, event, outcome_id, record_id=claim.record_id)
                 for spec, outcome_id in zip(claim.handlers, claim.outcome_ids, strict=True)
                 if not (claim.enqueued and spec.background)
             )
     return calls
+
+
+def _unrecorded(claimed: Sequence[Event[Any]], calls: Sequence[Call]) -> list[Call]:
+    """The calls owed by ``claimed`` whose outcome rows are not written yet: those among
+    ``calls`` or, if no call was built (handlers suppressed), one per owed handler, to
+    stay pending."""
+    if calls:
+        return [call for call in calls if call.outcome_id is None]
+    unrecorded: list[Call] = []
+    for event in claimed:
+        claim = cast("Claim", _claim_of(event))
+        unrecorded.extend(
+            Call(spec, event, record_id=claim.record_id)
+            for spec, outcome_id in zip(claim.handlers, claim.outcome_ids, strict=True)
+            if outcome_id is None
+        )
+    return unrecorded
 
 
 def _claim_of(event: Event[Any]) -> Claim | None:

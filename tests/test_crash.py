@@ -80,9 +80,11 @@ KILL_POINTS = {
     "between_claims_and_their_outcome_rows": KillPoint(
         "claimed:3", SHARED_TRANSACTIONS, (2 * CHUNK, 2 * CHUNK), (2 * CALLS_PER_CHUNK,) * 2
     ),
-    # A call of chunk 2 is marked done (uncommitted) and its handler has not run yet.
+    # Call 5 of chunk 2 is marked done (uncommitted) and its handler has not run yet. (A
+    # chunk's first call has no row to take: it runs in its claim's transaction, and its
+    # row is written there with its result.)
     "after_a_call_is_taken_before_its_handler_runs": KillPoint(
-        f"taken:{2 * CALLS_PER_CHUNK + 5}",
+        f"taken:{2 * (CALLS_PER_CHUNK - 1) + 4}",
         EACH_CALL_COMMITS,
         (3 * CHUNK, 3 * CHUNK),
         (2 * CALLS_PER_CHUNK + 4, 2 * CALLS_PER_CHUNK + 4),

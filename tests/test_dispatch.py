@@ -45,15 +45,15 @@ def statements(context: CaptureQueriesContext, *, skip: tuple[str, ...] = ()) ->
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_save_costs_three_statements_for_one_source_and_one_handler() -> None:
+def test_a_save_costs_two_statements_for_one_source_and_one_handler() -> None:
     with CaptureQueriesContext(connection) as context:
         challenge = Challenge.objects.create(title="Run")
     assert statements(context) == [
         "INSERT testapp_challenge",
         "INSERT spark_decl_eventrecord",
-        "INSERT spark_decl_handleroutcome",
-        "UPDATE spark_decl_handleroutcome",
         "INSERT testapp_handlerlog",  # the handler's own write
+        # The outcome row, written once with the call's result in the claim's transaction.
+        "INSERT spark_decl_handleroutcome",
     ]
     with CaptureQueriesContext(connection) as context:
         challenge.save()
@@ -79,16 +79,38 @@ def test_a_batch_chunk_costs_the_same_statements_whatever_its_size(
             stdout=StringIO(),
         )
     executed = statements(context, skip=("testapp_handlerlog",))
-    assert [sql for sql in executed if not sql.startswith("UPDATE")] == [
+    assert executed == [
         "SELECT testapp_challenge",
         "SELECT spark_decl_eventrecord",  # keys seen before are dropped with one read
         "INSERT spark_decl_eventrecord",
+        # After the calls, in the same transaction: their outcome rows with their results.
         "INSERT spark_decl_handleroutcome",
     ]
-    # The first call is taken alone to time it; the rest fit the time budget in one group,
-    # however many there are.
-    assert executed.count("UPDATE spark_decl_handleroutcome") == 2
     assert len(logged_keys()) == rows
+    assert set(HandlerOutcome.objects.values_list("status", "attempts")) == {("done", 1)}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_calls_left_for_later_transactions_get_pending_rows_with_their_claims(
+    settings: Settings,
+) -> None:
+    settings.SPARK_DECL = {"TRANSACTION_SECONDS": 0}  # a commit after every call
+    Challenge.objects.bulk_create(Challenge(title=str(i)) for i in range(3))
+    with CaptureQueriesContext(connection) as context:
+        call_command("process_spark_sources", "--model", "testapp.Challenge", stdout=StringIO())
+    assert statements(context, skip=("testapp_",)) == [
+        "SELECT spark_decl_eventrecord",
+        "INSERT spark_decl_eventrecord",
+        # Before the claims commit: the first call's row with its result, then pending rows
+        # for the two calls the time budget left for later...
+        "INSERT spark_decl_handleroutcome",
+        "INSERT spark_decl_handleroutcome",
+        # ...each taken in a transaction of its own, like any recorded call.
+        "UPDATE spark_decl_handleroutcome",
+        "UPDATE spark_decl_handleroutcome",
+    ]
+    assert len(logged_keys()) == 3
+    assert set(HandlerOutcome.objects.values_list("status", "attempts")) == {("done", 1)}
 
 
 @pytest.mark.django_db(transaction=True)

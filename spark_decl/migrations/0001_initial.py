@@ -31,7 +31,7 @@ class Migration(migrations.Migration):
             name='HandlerOutcome',
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('handler', models.CharField(db_index=True, max_length=255, verbose_name='handler')),
+                ('handler', models.CharField(max_length=255, verbose_name='handler')),
                 ('status', models.CharField(choices=[('pending', 'pending'), ('done', 'done'), ('failed', 'failed'), ('given_up', 'given up')], default='pending', max_length=16, verbose_name='status')),
                 ('attempts', models.PositiveIntegerField(default=0, verbose_name='attempts')),
                 ('last_error', models.TextField(blank=True, verbose_name='last error')),
@@ -39,7 +39,7 @@ class Migration(migrations.Migration):
                 ('created_at', models.DateTimeField(verbose_name='created at')),
                 ('finished_at', models.DateTimeField(blank=True, null=True, verbose_name='finished at')),
                 ('next_attempt_at', models.DateTimeField(blank=True, null=True, verbose_name='next attempt at')),
-                ('record', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='outcomes', to='spark_decl.eventrecord', verbose_name='event')),
+                ('record', models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='outcomes', to='spark_decl.eventrecord', verbose_name='event')),
             ],
             options={
                 'verbose_name': 'handler outcome',
