@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from django.db.models import Model
 
     from ._tasks import BaseTaskBackend, Task
-    from .registry import SourceSpec
     from .types import Event
 
 logger = logging.getLogger("spark_decl")
@@ -310,7 +309,7 @@ def run_chunk(
     using: str = DEFAULT_DB_ALIAS,
 ) -> dict[str, int]:
     """Process one enqueued chunk; what :func:`~spark_decl.tasks.process_source_chunk` does."""
-    from .sources import Mode, process_queryset, source_querysets
+    from .sources import Mode, SkippedInstances, process_queryset, source_querysets
 
     model_class = apps.get_model(model)
     wanted = set(sources)
@@ -333,20 +332,10 @@ def run_chunk(
         queryset = queryset.filter(pk__gt=pk.to_python(after))
     if upto is not None:
         queryset = queryset.filter(pk__lte=pk.to_python(upto))
-    errors: list[str] = []
-
-    def on_source_error(instance: Model, source: SourceSpec, exc: Exception) -> None:
-        message = f"{source.name} failed for {instance._meta.label} pk={instance.pk}: {exc}"
-        errors.append(message)
-        logger.error("Source %s", message, exc_info=exc)
-
-    result = process_queryset(
-        queryset, sources=specs, mode=Mode(mode), on_source_error=on_source_error
-    )
-    if errors:
-        raise SourceErrors(
-            f"{len(errors)} instance(s) skipped because a source raised; the first: {errors[0]}"
-        )
+    skipped = SkippedInstances()
+    result = process_queryset(queryset, sources=specs, mode=Mode(mode), on_source_error=skipped)
+    if skipped.messages:
+        raise SourceErrors(skipped.summary())
     return {
         "rows": result.rows,
         "events": result.events,

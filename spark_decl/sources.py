@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 
     from .registry import SourceSpec
     from .types import Event
+
+
+logger = logging.getLogger("spark_decl")
 
 
 def events_from(instance: Model, sources: Iterable[SourceSpec]) -> list[Event[Any]]:
@@ -101,6 +105,27 @@ class Mode(enum.Enum):
 
 
 SourceErrorHandler = Callable[["Model", "SourceSpec", Exception], None]
+
+
+class SkippedInstances:
+    """An ``on_source_error`` for batches that go on past a failing source: logs each
+    failure on ``spark_decl`` (with its traceback) and keeps a line per skipped instance,
+    for the error the batch reports at the end."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def __call__(self, instance: Model, source: SourceSpec, exc: Exception) -> None:
+        message = f"{source.name} failed for {instance._meta.label} pk={instance.pk}: {exc}"
+        self.messages.append(message)
+        logger.error("Source %s", message, exc_info=exc)
+
+    def summary(self) -> str:
+        """What to report once the batch is over (only when something was skipped)."""
+        return (
+            f"{len(self.messages)} instance(s) skipped because a source raised; the first: "
+            f"{self.messages[0]}"
+        )
 
 
 def iterate_chunks(queryset: QuerySet[Any], chunk_size: int) -> Iterator[list[Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 import time
@@ -17,14 +16,10 @@ from spark_decl.background import enqueue_chunks
 from spark_decl.conf import get_settings
 from spark_decl.exceptions import BackgroundUnavailable
 from spark_decl.registry import registry
-from spark_decl.sources import BatchResult, Mode, process_model
+from spark_decl.sources import BatchResult, Mode, SkippedInstances, process_model
 
 if TYPE_CHECKING:
     from django.db.models import Model
-
-    from spark_decl.registry import SourceSpec
-
-logger = logging.getLogger("spark_decl")
 
 
 def positive_int(value: str) -> int:
@@ -102,13 +97,7 @@ class Command(BaseCommand):
                 raise CommandError("--enqueue cannot be combined with --dry-run.")
             self.enqueue(selected, chunk_size=chunk_size, mode=mode, quiet=quiet)
             return
-        errors: list[str] = []
-
-        def on_source_error(instance: Model, source: SourceSpec, exc: Exception) -> None:
-            message = f"{source.name} failed for {instance._meta.label} pk={instance.pk}: {exc}"
-            errors.append(message)
-            logger.error("Source %s", message, exc_info=exc)
-
+        skipped = SkippedInstances()
         progress = Progress(self.stderr) if not quiet and self.stderr.isatty() else None
         started = time.monotonic()
         total = BatchResult()
@@ -122,7 +111,7 @@ class Command(BaseCommand):
                     model,
                     chunk_size=chunk_size,
                     mode=mode,
-                    on_source_error=on_source_error,
+                    on_source_error=skipped,
                     on_chunk=progress.update if progress is not None else None,
                     should_stop=stop.requested,
                 )
@@ -139,11 +128,8 @@ class Command(BaseCommand):
                     f"Interrupted by {stop.signal.name}: stopped after the chunk in progress; "
                     "run the command again to process the rest."
                 )
-        if errors:
-            raise CommandError(
-                f"{len(errors)} instance(s) skipped because a source raised; the first: "
-                f"{errors[0]}"
-            )
+        if skipped.messages:
+            raise CommandError(skipped.summary())
         if total.dispatch.failed and quiet:
             self.stderr.write(f"{total.dispatch.failed} handler call(s) failed.")
 
