@@ -42,6 +42,4 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(?!spark_decl\b).*"),
     (r"py:.*", r"spark_decl(\.\w+)*\.[A-Z]"),
-    # Referenced by spark_decl.checks' docstring; documented on the background page.
-    ("py:mod", "spark_decl.background"),
 ]

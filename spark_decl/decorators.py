@@ -49,10 +49,11 @@ def handles(pattern: str | re.Pattern[str], *, background: bool = False) -> Call
     """Register a handler for every event whose group matches ``re.search(pattern, group)``.
 
     Stack several ``@handles`` to route more groups to one function; it still runs once per
-    event. ``background=True`` marks a handler to be run outside the request; until the
-    tasks integration lands it runs in-process right after the claim commits, like the
-    others. An invalid pattern raises :class:`~spark_decl.exceptions.InvalidPattern` here,
-    at import time::
+    event. ``background=True`` runs each call through Django's tasks framework: it is
+    enqueued once the claim commits (with django-tasks-db, in the claiming transaction) and
+    a worker runs it, with the event's model instances fetched again (see
+    :mod:`spark_decl.background`). An invalid pattern raises
+    :class:`~spark_decl.exceptions.InvalidPattern` here, at import time::
 
         @handles(r"^challenge")
         def send_challenge_mails(event: Event[ChallengeContext]) -> None: ...
