@@ -36,7 +36,7 @@ from django.db import connections, transaction
 from django.db.transaction import Atomic, TransactionManagementError
 from django.utils import timezone
 
-from .claims import db_datetime, insert_rows
+from .claims import OUTCOME_FIELDS, OUTCOME_RETURNING, db_datetime, insert_rows
 from .conf import get_settings
 from .signals import handler_failed
 
@@ -180,7 +180,7 @@ class CallRunner:
         with self.connection.cursor() as cursor:
             insert_rows(cursor, HandlerOutcome, OUTCOME_FIELDS, finished)
             inserted = insert_rows(
-                cursor, HandlerOutcome, OUTCOME_FIELDS, new_rows, returning=RETURNING
+                cursor, HandlerOutcome, OUTCOME_FIELDS, new_rows, returning=OUTCOME_RETURNING
             )
         ids = {(record_id, handler): pk for pk, record_id, handler in inserted}
         for call in pending:
@@ -233,18 +233,6 @@ class CallRunner:
         return taken
 
 
-OUTCOME_FIELDS = (
-    "record",
-    "handler",
-    "status",
-    "attempts",
-    "last_error",
-    "traceback",
-    "created_at",
-    "finished_at",
-    "next_attempt_at",
-)
-RETURNING = ("id", "record", "handler")
 SUCCEEDED = (DONE, 1, "", "", None)  # a first attempt, done
 
 

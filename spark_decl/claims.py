@@ -159,7 +159,7 @@ def claim_events(
             owes = registry.handlers_for(event["group"]) if handlers else ()
             owed.append((ClaimedEvent(event), record_id, owes))
             pending.extend(
-                (record_id, spec.name, status, 0, "", "", created_at)
+                (record_id, spec.name, status, 0, "", "", created_at, None, None)
                 for spec in owes
                 if spec.background or not run_here
             )
@@ -168,9 +168,9 @@ def claim_events(
             for pk, record_id, handler in insert_rows(
                 cursor,
                 HandlerOutcome,
-                PENDING_FIELDS,
+                OUTCOME_FIELDS,
                 pending,
-                returning=("id", "record", "handler"),
+                returning=OUTCOME_RETURNING,
             )
         }
     result: list[Event[Any]] = []
@@ -186,7 +186,9 @@ def claim_events(
 
 
 RECORD_FIELDS = ("key", "group", "context", "created_at")
-PENDING_FIELDS = (
+# Every HandlerOutcome row spark_decl writes (pending at a claim, or with its result after
+# the call ran) has these columns, and comes back as (id, record, handler).
+OUTCOME_FIELDS = (
     "record",
     "handler",
     "status",
@@ -194,7 +196,10 @@ PENDING_FIELDS = (
     "last_error",
     "traceback",
     "created_at",
+    "finished_at",
+    "next_attempt_at",
 )
+OUTCOME_RETURNING = ("id", "record", "handler")
 
 
 def db_datetime(connection: BaseDatabaseWrapper, value: datetime) -> Any:
