@@ -36,7 +36,7 @@ from django.db import connections, transaction
 from django.db.transaction import Atomic, TransactionManagementError
 from django.utils import timezone
 
-from .claims import OUTCOME_FIELDS, OUTCOME_RETURNING, db_datetime, insert_rows
+from .claims import OUTCOME_FIELDS, OUTCOME_RETURNING, db_datetime, insert_done, insert_rows
 from .conf import get_settings
 from .signals import handler_failed
 
@@ -70,6 +70,9 @@ class Call:
     status: str = PENDING
     attempts: int | None = None
     record_id: int | None = None
+    #: What a call without a row yet came to, until :meth:`CallRunner.record_outcomes`
+    #: writes it: (status, attempts, error, traceback, next attempt ready for the database).
+    result: tuple[str, int, str, str, Any] | None = None
 
 
 @dataclass
@@ -110,9 +113,6 @@ class CallRunner:
         self.result = RunResult()
         self._budget = get_settings().TRANSACTION_SECONDS
         self._block = transaction.Atomic(using, savepoint=True, durable=False)
-        # What the calls without a row yet came to, by id(call): (status, attempts, error,
-        # traceback, next attempt ready for the database), until record_outcomes().
-        self._outcomes: dict[int, tuple[str, int, str, str, Any]] = {}
 
     def run(self, calls: Sequence[Call], start: int = 0) -> RunResult:
         """Run ``calls[start:]`` in order, committing about every ``TRANSACTION_SECONDS``."""
@@ -158,27 +158,35 @@ class CallRunner:
         """Inside the transaction that claimed their events, write the outcome rows of
         ``calls`` (calls without a row yet): each call that ran gets its result, each other
         call a ``pending`` row, and its ``outcome_id``, so that a later segment takes it
-        like any recorded call."""
+        like any recorded call.
+
+        Succeeded calls, the bulk of them, are written per handler by one statement that
+        binds only their events' ids (:func:`~spark_decl.claims.insert_done`).
+        """
         from .models import HandlerOutcome
 
         now = db_datetime(self.connection, timezone.now())
-        finished: list[tuple[Any, ...]] = []
+        done: dict[str, list[int]] = {}
+        failed: list[tuple[Any, ...]] = []
         pending: list[Call] = []
         for call in calls:
-            outcome = self._outcomes.pop(id(call), None)
-            if outcome is None:
+            result = call.result
+            if result is None:
                 pending.append(call)
+            elif result is SUCCEEDED:
+                done.setdefault(call.spec.name, []).append(cast("int", call.record_id))
             else:
-                status, attempts, error, trace, next_attempt_at = outcome
-                finished_at = now if status == DONE else None
+                status, attempts, error, trace, next_attempt_at = result
                 row = (call.record_id, call.spec.name, status, attempts, error, trace)
-                finished.append((*row, now, finished_at, next_attempt_at))
+                failed.append((*row, now, None, next_attempt_at))
         new_rows = [
             (call.record_id, call.spec.name, PENDING, 0, "", "", now, None, None)
             for call in pending
         ]
         with self.connection.cursor() as cursor:
-            insert_rows(cursor, HandlerOutcome, OUTCOME_FIELDS, finished)
+            for handler, record_ids in done.items():
+                insert_done(cursor, record_ids, handler, now)
+            insert_rows(cursor, HandlerOutcome, OUTCOME_FIELDS, failed)
             inserted = insert_rows(
                 cursor, HandlerOutcome, OUTCOME_FIELDS, new_rows, returning=OUTCOME_RETURNING
             )
@@ -206,11 +214,11 @@ class CallRunner:
                 error, trace = describe(exc)
                 if next_attempt_at is not None:
                     next_attempt_at = db_datetime(self.connection, next_attempt_at)
-                self._outcomes[id(call)] = (status, attempts, error, trace, next_attempt_at)
+                call.result = (status, attempts, error, trace, next_attempt_at)
         else:
             self.result.succeeded += 1
             if call.outcome_id is None and call.record_id is not None:
-                self._outcomes[id(call)] = SUCCEEDED
+                call.result = SUCCEEDED
 
     def _take(self, group: Sequence[Call]) -> dict[int, int]:
         """Mark the group's recorded calls done (if still runnable); return id -> attempts.

@@ -12,6 +12,7 @@ commits (see :class:`~spark_decl.calls.CallRunner`).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.utils import timezone
 
 from .conf import get_settings
-from .context import dump_context
+from .context import dump_context_json
 from .exceptions import UnsupportedDatabase
 from .registry import registry
 from .validation import validate_event
@@ -121,11 +122,9 @@ def claim_events(
 
     connection = connections[using]
     check_database(connection)
-    # What JSONField.get_db_prep_save ends in, without its per-value checks.
-    to_db = connection.ops.adapt_json_value
     created_at = db_datetime(connection, timezone.now())
     records = [
-        (key, event["group"], to_db(dump_context(event["context"], key=key), None), created_at)
+        (key, event["group"], dump_context_json(event["context"], key=key), created_at)
         for key, event in first.items()
     ]
     # The claims and their outcome rows are one unit. Inside a transaction an error marks
@@ -152,17 +151,21 @@ def claim_events(
         owed: list[tuple[ClaimedEvent, int, tuple[HandlerSpec, ...]]] = []
         pending: list[tuple[Any, ...]] = []
         status = HandlerOutcome.Status.PENDING.value
+        # Per group: the handlers owed, and those whose pending rows are written here.
+        routes: dict[str, tuple[tuple[HandlerSpec, ...], tuple[HandlerSpec, ...]]] = {}
         for key, event in first.items():
             record_id = claimed.get(key)
             if record_id is None:
                 continue
-            owes = registry.handlers_for(event["group"]) if handlers else ()
-            owed.append((ClaimedEvent(event), record_id, owes))
-            pending.extend(
-                (record_id, spec.name, status, 0, "", "", created_at, None, None)
-                for spec in owes
-                if spec.background or not run_here
-            )
+            group = event["group"]
+            route = routes.get(group)
+            if route is None:
+                owes = registry.handlers_for(group) if handlers else ()
+                written = tuple(spec for spec in owes if spec.background or not run_here)
+                route = routes[group] = (owes, written)
+            owed.append((ClaimedEvent(event), record_id, route[0]))
+            for spec in route[1]:
+                pending.append((record_id, spec.name, status, 0, "", "", created_at, None, None))
         outcome_ids = {
             (record_id, handler): pk
             for pk, record_id, handler in insert_rows(
@@ -203,24 +206,38 @@ OUTCOME_RETURNING = ("id", "record", "handler")
 
 
 def db_datetime(connection: BaseDatabaseWrapper, value: datetime) -> Any:
-    """An aware datetime as ``DateTimeField.get_db_prep_save`` would store it."""
+    """An aware datetime as :func:`insert_rows` and :func:`insert_done` take it: as
+    ``DateTimeField.get_db_prep_save`` would store it on SQLite, in ISO 8601 on PostgreSQL
+    (where it travels in a JSON document, or as a parameter cast to ``timestamptz``)."""
+    if connection.vendor == "postgresql":
+        return value.isoformat()
     return connection.ops.adapt_datetimefield_value(value)
 
 
 def seen_keys(keys: Sequence[str], *, using: str = DEFAULT_DB_ALIAS) -> set[str]:
-    """The subset of ``keys`` that were claimed before (one query per 999 keys)."""
+    """The subset of ``keys`` that were claimed before (one query per 999 keys on SQLite,
+    one in all on PostgreSQL)."""
     from .models import EventRecord
 
+    if not keys:
+        return set()
     meta = EventRecord._meta
     column = _quote(cast("Field[Any, Any]", meta.get_field("key")).column)
     # A plain statement: this runs once per batch chunk, and the ORM's IN lookup would
     # prepare each of the chunk's keys one by one.
-    head = f"SELECT {column} FROM {_quote(meta.db_table)} WHERE {column} IN ("
+    head = f"SELECT {column} FROM {_quote(meta.db_table)} WHERE {column}"
     seen: set[str] = set()
     with connections[using].cursor() as cursor:
+        if cursor.db.vendor == "postgresql":
+            # One JSON array: psycopg quotes each element of a text array with a regex.
+            cursor.execute(
+                f"{head} = ANY(ARRAY(SELECT json_array_elements_text(%s::json)))",
+                [json.dumps(list(keys))],
+            )
+            return {key for (key,) in cursor.fetchall()}
         for start in range(0, len(keys), MAX_PARAMETERS):
             batch = keys[start : start + MAX_PARAMETERS]
-            cursor.execute(head + ", ".join(["%s"] * len(batch)) + ")", batch)
+            cursor.execute(f"{head} IN ({', '.join(['%s'] * len(batch))})", batch)
             seen.update(key for (key,) in cursor.fetchall())
     return seen
 
@@ -245,18 +262,22 @@ def insert_rows(
 ) -> list[tuple[Any, ...]]:
     """``INSERT ... [ON CONFLICT (col) DO NOTHING] [RETURNING ...]`` of many rows; returns
     the inserted rows' ``returning`` columns, in no guaranteed order. Values must be ready
-    for the database (JSON and datetime values through their field's ``get_db_prep_save``).
+    for the database: datetimes through :func:`db_datetime`, a JSON column's value as JSON
+    text (:func:`~spark_decl.context.dump_context_json`).
 
     On SQLite: multi-row ``VALUES``, in as few statements as its parameter limit allows.
-    On PostgreSQL: one statement with one array per column (``SELECT * FROM unnest(...)``),
-    because psycopg parses a statement with more than 50 placeholders anew every time.
+    On PostgreSQL: one statement binding the rows as one JSON document
+    (``json_array_elements``), each value's text cast to its column's type there. Not one
+    parameter per value, because psycopg parses a statement with more than 50 placeholders
+    anew every time, nor an array per column, because psycopg quotes each element of a
+    text array with a regular expression.
     """
     if not rows:
         return []
     connection = cursor.db
     head, tail = _insert_sql(connection, model, fields, returning, skip_conflicts_on)
     if connection.vendor == "postgresql":
-        cursor.execute(head + tail, [list(column) for column in zip(*rows, strict=True)])
+        cursor.execute(head + tail, [json.dumps(rows)])
         return cursor.fetchall() if returning is not None else []
     placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
     per_statement = max(1, parameter_limit(connection) // len(fields))
@@ -268,6 +289,39 @@ def insert_rows(
         if returning is not None:
             inserted.extend(cursor.fetchall())
     return inserted
+
+
+def insert_done(cursor: CursorWrapper, record_ids: Sequence[int], handler: str, now: Any) -> None:
+    """Write a ``done`` outcome row (first attempt, finished ``now``) of ``handler`` for
+    each of ``record_ids``: one statement binding the ids as one JSON array, however many
+    there are."""
+    from .models import HandlerOutcome
+
+    if not record_ids:
+        return
+    connection = cursor.db
+    key = (connection.vendor, "done")
+    if key not in _STATEMENTS:
+        meta = HandlerOutcome._meta
+        fields = [cast("Field[Any, Any]", meta.get_field(name)) for name in OUTCOME_FIELDS]
+        columns = ", ".join(_quote(field.column) for field in fields)
+        if connection.vendor == "postgresql":
+            # Typed, since an INSERT ... SELECT leaves untyped parameters text.
+            ids = "json_array_elements_text(%s::json)::bigint"
+            typed = [f"%s::{field.db_type(connection)}" for field in fields[1:]]
+        else:
+            ids = '"value"'
+            typed = ["%s"] * (len(fields) - 1)
+        source = " FROM json_each(%s)" if connection.vendor == "sqlite" else ""
+        select = ", ".join([ids, *typed])
+        _STATEMENTS[key] = (
+            f"INSERT INTO {_quote(meta.db_table)} ({columns}) SELECT {select}{source}",
+            "",
+        )
+    sql = _STATEMENTS[key][0]
+    values = [handler, HandlerOutcome.Status.DONE.value, 1, "", "", now, now, None]
+    ids = json.dumps(list(record_ids))
+    cursor.execute(sql, [ids, *values] if connection.vendor == "postgresql" else [*values, ids])
 
 
 _STATEMENTS: dict[tuple[Any, ...], tuple[str, str]] = {}
@@ -294,8 +348,12 @@ def _insert_sql(
 
     head = f"INSERT INTO {_quote(meta.db_table)} ({', '.join(map(column, fields))}) "
     if connection.vendor == "postgresql":
-        arrays = ", ".join(f"%s::{field.db_type(connection)}[]" for field in columns)
-        head += f"SELECT * FROM unnest({arrays})"
+        # The rows arrive as one JSON array of arrays; each value's text is cast to its
+        # column's type (a JSON column's value is JSON text).
+        values = ", ".join(
+            f"(r ->> {index})::{field.db_type(connection)}" for index, field in enumerate(columns)
+        )
+        head += f"SELECT {values} FROM json_array_elements(%s::json) AS r"
     else:
         head += "VALUES "
     tail = ""

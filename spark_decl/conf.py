@@ -19,7 +19,7 @@ DEFAULTS: dict[str, float | str] = {
     "BACKOFF_SECONDS": 60,
     "BACKOFF_MAX_SECONDS": 3600,
     # How many rows the batch reads, and events it claims, at a time.
-    "CHUNK_SIZE": 500,
+    "CHUNK_SIZE": 2000,
     # Handler calls share a transaction until it has lasted about this long: fast handlers
     # share one commit, slow ones commit often (a crash rolls back at most this much work,
     # and SQLite's write lock is never held much longer).

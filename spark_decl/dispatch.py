@@ -192,16 +192,16 @@ def _calls(events: Iterable[Event[Any]]) -> list[Call]:
     if handlers_suppressed:
         return []
     calls: list[Call] = []
+    append = calls.append  # this runs for every event of a batch
     for event in events:
         claim = _claim_of(event)
         if claim is None:
             calls.extend(Call(spec, event) for spec in registry.handlers_for(event["group"]))
-        else:
-            calls.extend(
-                Call(spec, event, outcome_id, record_id=claim.record_id)
-                for spec, outcome_id in zip(claim.handlers, claim.outcome_ids, strict=True)
-                if not (claim.enqueued and spec.background)
-            )
+            continue
+        record_id = claim.record_id
+        for spec, outcome_id in zip(claim.handlers, claim.outcome_ids, strict=True):
+            if not (claim.enqueued and spec.background):
+                append(Call(spec, event, outcome_id, record_id=record_id))
     return calls
 
 

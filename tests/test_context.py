@@ -14,7 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spark_decl import event, only_new_events
-from spark_decl.context import TAG, ContextUnavailable, dump_context, load_context
+from spark_decl.context import (
+    TAG,
+    ContextUnavailable,
+    _dump,
+    dump_context,
+    dump_context_json,
+    load_context,
+)
 from spark_decl.exceptions import InvalidContext
 from spark_decl.models import EventRecord
 from tests.testapp.models import Challenge, Donation
@@ -210,3 +217,39 @@ contexts = st.recursive(
 @given(contexts)
 def test_storable_contexts_round_trip(value: object) -> None:
     assert_same(round_trip(value), value)
+
+
+# The flat contexts most sources build take a fast path to JSON text when claimed; it must
+# agree with the general conversion, text for text and error for error.
+flat_keys = st.one_of(st.sampled_from(["challenge", TAG, "a\x00b"]), st.text(max_size=5))
+flat_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.text(max_size=5),
+    st.sampled_from(["\x00", "x\x00"]),
+    st.builds(lambda pk: Challenge(pk=pk, title="t"), st.one_of(st.none(), st.integers(1, 9))),
+    st.builds(lambda pk: Donation(pk=pk), st.sampled_from([None, 3])),
+    st.floats(allow_nan=True),
+    st.dates(),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+def general_dump(value: object) -> object:
+    try:
+        return json.dumps(_dump(value, (), "k"))
+    except InvalidContext as exc:
+        return ("refused", str(exc))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(flat_keys, flat_values, max_size=4))
+def test_the_fast_path_for_flat_contexts_agrees_with_the_general_conversion(
+    value: dict[str, object],
+) -> None:
+    try:
+        fast: object = dump_context_json(value, key="k")
+    except InvalidContext as exc:
+        fast = ("refused", str(exc))
+    assert fast == general_dump(value)

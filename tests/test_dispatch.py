@@ -91,6 +91,40 @@ def test_a_batch_chunk_costs_the_same_statements_whatever_its_size(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_the_batch_reads_seen_keys_first_only_while_chunks_turn_out_mostly_seen(
+    settings: Settings,
+) -> None:
+    settings.SPARK_DECL = {"TRANSACTION_SECONDS": 3600}
+
+    def batch() -> list[str]:
+        with CaptureQueriesContext(connection) as context:
+            call_command(
+                "process_spark_sources",
+                "--model",
+                "testapp.Challenge",
+                "--chunk-size",
+                "10",
+                stdout=StringIO(),
+            )
+        return statements(context, skip=("testapp_",))
+
+    Challenge.objects.bulk_create(Challenge(title=str(i)) for i in range(10))
+    batch()
+    Challenge.objects.bulk_create(Challenge(title=str(i)) for i in range(10, 30))
+    claim = ["INSERT spark_decl_eventrecord", "INSERT spark_decl_handleroutcome"]
+    assert batch() == [
+        "SELECT spark_decl_eventrecord",  # the first chunk, all seen: nothing to claim
+        "SELECT spark_decl_eventrecord",  # the second, read first again: all new
+        *claim,
+        *claim,  # so the third goes straight to the claim
+    ]
+    assert len(logged_keys()) == 30
+    # A re-run finds every chunk seen, each with one read and no write.
+    assert batch() == ["SELECT spark_decl_eventrecord"] * 3
+    assert len(logged_keys()) == 30
+
+
+@pytest.mark.django_db(transaction=True)
 def test_calls_left_for_later_transactions_get_pending_rows_with_their_claims(
     settings: Settings,
 ) -> None:
