@@ -159,33 +159,50 @@ def more(runs: list[float], args: argparse.Namespace) -> bool:
     return len(runs) < args.repeats and not (runs and runs[-1] >= args.slow)
 
 
-def measure_bare(package: Package, args: argparse.Namespace) -> Result:
-    """Iterate every row and call the source on it: what any batch has to pay."""
+def bare_pass(rows: int) -> float:
+    """Iterate every row and call the source on it; return the seconds it took."""
     from .benchapp.models import Item
     from .benchapp.workload import item_events
 
+    events = 0
+    start = time.perf_counter()
+    for item in Item.objects.all().iterator(chunk_size=ITERATOR_CHUNK):
+        for _event in item_events(item):
+            events += 1
+    seconds = time.perf_counter() - start
+    expect(events, rows, "events produced")
+    return seconds
+
+
+def measure_bare(package: Package, args: argparse.Namespace) -> Result:
+    """Iterate every row and call the source on it: what any batch has to pay."""
     populate(args.rows)
     runs: list[float] = []
     while more(runs, args):
-        events = 0
         with stopwatch(runs):
-            for item in Item.objects.all().iterator(chunk_size=ITERATOR_CHUNK):
-                for _event in item_events(item):
-                    events += 1
-        expect(events, args.rows, "events produced")
+            bare_pass(args.rows)
     return {"bare": summary(runs, rows=args.rows)}
 
 
 def measure_batch(package: Package, args: argparse.Namespace) -> Result:
-    """``process_spark_sources`` on unseen keys (first pass), then with every key seen."""
+    """``process_spark_sources`` on unseen keys (first pass), then with every key seen.
+
+    Each first pass is bracketed by two bare passes over the same rows in this process:
+    ``over_bare`` is each first pass divided by the mean of its two, a ratio that machine
+    speed drifting between processes (or minutes) does not distort.
+    """
     populate(args.rows)
     package.register()
     first: list[float] = []
+    over_bare: list[float] = []
     while more(first, args):
         if first:
             reset(package.event_tables())
+        before = bare_pass(args.rows)
         with stopwatch(first):
             batch_command()
+        after = bare_pass(args.rows)
+        over_bare.append(first[-1] / ((before + after) / 2))
         expect(package.seen_keys(), args.rows, "keys seen after the first pass")
     # A re-run changes nothing, so it repeats on the state the last first pass left.
     rerun: list[float] = []
@@ -194,7 +211,7 @@ def measure_batch(package: Package, args: argparse.Namespace) -> Result:
             batch_command()
     expect(package.seen_keys(), args.rows, "keys seen after the re-runs")
     return {
-        "first_pass": summary(first, rows=args.rows),
+        "first_pass": summary(first, rows=args.rows, over_bare=over_bare),
         "rerun": summary(rerun, rows=args.rows),
     }
 
@@ -321,7 +338,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("measure", choices=MEASURES + DIAGNOSTICS)
     parser.add_argument("--rows", type=int, default=10_000, help="rows / events (default 10000)")
     parser.add_argument("--saves", type=int, default=1_000, help="saves for save_* measures")
-    parser.add_argument("--repeats", type=int, default=3, help="best of at most this many")
+    parser.add_argument("--repeats", type=int, default=5, help="best of at most this many")
     parser.add_argument(
         "--slow", type=float, default=5.0, help="no further repeat after a run this long (s)"
     )

@@ -72,7 +72,13 @@ def dump_context_json(value: object, *, key: str) -> str:
                     pk_text = _escape(pk)
                 else:
                     break
-                text = f"{_MODEL_TAG}{_escape(item._meta.label_lower)}, {_PK}{pk_text}}}"
+                head = _MODEL_HEADS.get(kind)
+                if head is None:
+                    label = _escape(item._meta.label_lower)
+                    head = _MODEL_HEADS[kind] = (
+                        f'{{{_escape(TAG)}: "model", "model": {label}, "pk": '
+                    )
+                text = f"{head}{pk_text}}}"
             else:
                 break
             parts.append(f"{_escape(item_key)}: {text}")
@@ -82,8 +88,8 @@ def dump_context_json(value: object, *, key: str) -> str:
 
 
 _escape = json.encoder.encode_basestring_ascii  # what json.dumps uses for str
-_MODEL_TAG = f'{{{_escape(TAG)}: "model", "model": '
-_PK = '"pk": '
+# Per model class, the text of a reference up to its primary key.
+_MODEL_HEADS: dict[type[Model], str] = {}
 
 
 def _where(path: tuple[str | int, ...]) -> str:

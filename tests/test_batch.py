@@ -4,6 +4,7 @@ pagination, and the options and output of ``process_spark_sources``."""
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import re
 from collections import Counter
@@ -700,3 +701,32 @@ def test_every_read_of_a_model_table_is_a_bounded_keyset_page(settings: Settings
     # Every page after the first starts after the last primary key read.
     assert sum('"id" >' in sql for sql in challenge_reads) == 6
     assert HandlerLog.objects.count() == 420
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_command_freezes_what_was_alive_at_its_start_for_the_run_only(
+    isolated_registry: Registry,
+) -> None:
+    frozen_during: list[int] = []
+
+    @handles(r"^challenge_created$")
+    def note_frozen(event: Event[Any]) -> None:
+        frozen_during.append(gc.get_freeze_count())
+
+    Challenge.objects.bulk_create(Challenge(title=str(i)) for i in range(2))
+    assert gc.get_freeze_count() == 0
+    run("--model", "testapp.Challenge")
+    assert len(frozen_during) == 2
+    assert min(frozen_during) > 0  # the objects alive at its start: Django, the registry
+    assert gc.get_freeze_count() == 0
+
+    # Unfrozen however the run ends.
+    Challenge.objects.bulk_create([Challenge(title="again")])
+
+    @event_source(Challenge, on_save=False)
+    def broken(challenge: Challenge) -> Iterator[Event[dict[str, Any]]]:
+        raise RuntimeError("boom")
+
+    with pytest.raises(CommandError):
+        run("--model", "testapp.Challenge")
+    assert gc.get_freeze_count() == 0
