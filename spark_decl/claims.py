@@ -215,31 +215,28 @@ def db_datetime(connection: BaseDatabaseWrapper, value: datetime) -> Any:
 
 
 def seen_keys(keys: Sequence[str], *, using: str = DEFAULT_DB_ALIAS) -> set[str]:
-    """The subset of ``keys`` that were claimed before (one query per 999 keys on SQLite,
-    one in all on PostgreSQL)."""
+    """The subset of ``keys`` that were claimed before, with one query however many there
+    are: the keys are bound as one JSON array (``json_each`` on SQLite,
+    ``json_array_elements_text`` on PostgreSQL), and the unique index on ``key`` is
+    probed for each."""
     from .models import EventRecord
 
     if not keys:
         return set()
     meta = EventRecord._meta
     column = _quote(cast("Field[Any, Any]", meta.get_field("key")).column)
-    # A plain statement: this runs once per batch chunk, and the ORM's IN lookup would
-    # prepare each of the chunk's keys one by one.
-    head = f"SELECT {column} FROM {_quote(meta.db_table)} WHERE {column}"
-    seen: set[str] = set()
-    with connections[using].cursor() as cursor:
-        if cursor.db.vendor == "postgresql":
-            # One JSON array: psycopg quotes each element of a text array with a regex.
-            cursor.execute(
-                f"{head} = ANY(ARRAY(SELECT json_array_elements_text(%s::json)))",
-                [json.dumps(list(keys))],
-            )
-            return {key for (key,) in cursor.fetchall()}
-        for start in range(0, len(keys), MAX_PARAMETERS):
-            batch = keys[start : start + MAX_PARAMETERS]
-            cursor.execute(f"{head} IN ({', '.join(['%s'] * len(batch))})", batch)
-            seen.update(key for (key,) in cursor.fetchall())
-    return seen
+    connection = connections[using]
+    if connection.vendor == "postgresql":
+        # An array built once (InitPlan): PostgreSQL then scans the index for each key.
+        keys_sql = "= ANY(ARRAY(SELECT json_array_elements_text(%s::json)))"
+    else:
+        keys_sql = 'IN (SELECT "value" FROM json_each(%s))'
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {column} FROM {_quote(meta.db_table)} WHERE {column} {keys_sql}",
+            [json.dumps(list(keys))],
+        )
+        return {key for (key,) in cursor.fetchall()}
 
 
 def parameter_limit(connection: BaseDatabaseWrapper) -> int:

@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from pytest_django import Settings
 
 from spark_decl import Event, event, handles, only_new_events, process_events
+from spark_decl.claims import seen_keys
 from spark_decl.exceptions import InvalidContext
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry
@@ -259,3 +261,18 @@ def test_concurrent_batch_workers_never_handle_a_key_twice() -> None:
     assert set(HandlerOutcome.objects.values_list("status", flat=True)) == {"done"}
     new = sum(int(out.split(" new,")[0].rsplit(" ", 1)[1]) for out, _ in outputs)
     assert new == 2 * ROWS
+
+
+@pytest.mark.django_db
+def test_seen_keys_reads_any_number_of_keys_with_one_query() -> None:
+    claimed = [f"k{i}" for i in range(0, 3000, 2)]
+    list(only_new_events(event("g", key) for key in claimed))
+    # Keys with quotes, backslashes and non-ASCII travel intact in the JSON array.
+    odd = ['g_"quoted"', "g_back\\slash", "g_ünï", "g_,comma"]
+    list(only_new_events(event("g", key[2:]) for key in odd))
+    asked = [f"g_k{i}" for i in range(3000)] + odd + ["g_never"]
+    with CaptureQueriesContext(connection) as context:
+        seen = seen_keys(asked)
+    assert len(context.captured_queries) == 1
+    assert seen == {f"g_{key}" for key in claimed} | set(odd)
+    assert seen_keys([]) == set()
