@@ -44,6 +44,21 @@ def statements(context: CaptureQueriesContext, *, skip: tuple[str, ...] = ()) ->
     return result
 
 
+def batch_statements(*, chunk_size: int, skip: tuple[str, ...]) -> list[str]:
+    """What ``process_spark_sources`` over the challenges executes, as :func:`statements`
+    shows it."""
+    with CaptureQueriesContext(connection) as context:
+        call_command(
+            "process_spark_sources",
+            "--model",
+            "testapp.Challenge",
+            "--chunk-size",
+            str(chunk_size),
+            stdout=StringIO(),
+        )
+    return statements(context, skip=skip)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_save_costs_two_statements_for_one_source_and_one_handler() -> None:
     with CaptureQueriesContext(connection) as context:
@@ -69,16 +84,7 @@ def test_a_batch_chunk_costs_the_same_statements_whatever_its_size(
     # A budget no run can exhaust, so the grouping below does not depend on the machine.
     settings.SPARK_DECL = {"TRANSACTION_SECONDS": 3600}
     Challenge.objects.bulk_create(Challenge(title=str(i)) for i in range(rows))
-    with CaptureQueriesContext(connection) as context:
-        call_command(
-            "process_spark_sources",
-            "--model",
-            "testapp.Challenge",
-            "--chunk-size",
-            "1000",
-            stdout=StringIO(),
-        )
-    executed = statements(context, skip=("testapp_handlerlog",))
+    executed = batch_statements(chunk_size=1000, skip=("testapp_handlerlog",))
     assert executed == [
         "SELECT testapp_challenge",
         "SELECT spark_decl_eventrecord",  # keys seen before are dropped with one read
@@ -97,16 +103,7 @@ def test_the_batch_reads_seen_keys_first_only_while_chunks_turn_out_mostly_seen(
     settings.SPARK_DECL = {"TRANSACTION_SECONDS": 3600}
 
     def batch() -> list[str]:
-        with CaptureQueriesContext(connection) as context:
-            call_command(
-                "process_spark_sources",
-                "--model",
-                "testapp.Challenge",
-                "--chunk-size",
-                "10",
-                stdout=StringIO(),
-            )
-        return statements(context, skip=("testapp_",))
+        return batch_statements(chunk_size=10, skip=("testapp_",))
 
     Challenge.objects.bulk_create(Challenge(title=str(i)) for i in range(10))
     batch()
