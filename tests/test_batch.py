@@ -22,7 +22,7 @@ from pytest_django import Settings
 
 from spark_decl import Event, event, event_source, handles, process_queryset
 from spark_decl.dispatch import DispatchResult
-from spark_decl.exceptions import RegistrationError
+from spark_decl.exceptions import InvalidContext, RegistrationError
 from spark_decl.management.commands.process_spark_sources import Command
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry, SourceSpec, function_name
@@ -730,3 +730,30 @@ def test_the_command_freezes_what_was_alive_at_its_start_for_the_run_only(
     with pytest.raises(CommandError):
         run("--model", "testapp.Challenge")
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_seen_key_whose_context_became_unstorable_never_fails_the_batch(
+    bare_registry: Registry,
+) -> None:
+    unstorable: set[int] = set()
+
+    @event_source(Challenge, on_save=False)
+    def numbered(challenge: Challenge) -> Iterator[Event[dict[str, Any]]]:
+        bad = challenge.pk in unstorable
+        yield event("numbered", challenge.pk, {"value": object() if bad else 1})
+
+    challenges = Challenge.objects.bulk_create(Challenge(title=str(i)) for i in range(20))
+    late = challenges[15]
+    assert process_queryset(Challenge.objects.filter(pk=late.pk)).new == 1
+    unstorable.add(late.pk)
+    # The first chunk is all new, so the second is claimed without reading its seen keys
+    # first; the seen key's unstorable context must not make it fail.
+    result = process_queryset(Challenge.objects.all(), chunk_size=10)
+    assert (result.rows, result.new) == (20, 19)
+    assert claimed_keys() == {f"numbered_{c.pk}" for c in challenges}
+    # A new key with an unstorable context is still refused, naming it.
+    extra = Challenge.objects.create(title="extra")
+    unstorable.add(extra.pk)
+    with pytest.raises(InvalidContext, match=f"numbered_{extra.pk}"):
+        process_queryset(Challenge.objects.all(), chunk_size=10)
