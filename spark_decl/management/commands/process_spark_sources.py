@@ -6,7 +6,7 @@ import gc
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -182,7 +182,7 @@ SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 
 
 @contextmanager
-def frozen_for_the_run() -> Iterator[None]:
+def frozen_for_the_run() -> Generator[None, None, None]:
     """``gc.freeze()`` while the batch runs: the objects alive at its start (Django's app
     registry, models, modules, the registry) outlive it, so the collector's full passes
     need not scan them again and again while each chunk's rows, events and calls come and
