@@ -705,7 +705,7 @@ def test_every_read_of_a_model_table_is_a_bounded_keyset_page(settings: Settings
 
 @pytest.mark.django_db(transaction=True)
 def test_the_command_freezes_what_was_alive_at_its_start_for_the_run_only(
-    isolated_registry: Registry,
+    isolated_registry: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     frozen_during: list[int] = []
 
@@ -730,6 +730,15 @@ def test_the_command_freezes_what_was_alive_at_its_start_for_the_run_only(
     with pytest.raises(CommandError):
         run("--model", "testapp.Challenge")
     assert gc.get_freeze_count() == 0
+
+    # A process that froze objects itself keeps them frozen: the command leaves it alone.
+    calls: list[str] = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
+    monkeypatch.setattr(gc, "get_freeze_count", lambda: 1)
+    with pytest.raises(CommandError):
+        run("--model", "testapp.Challenge")
+    assert calls == []
 
 
 @pytest.mark.django_db(transaction=True)
