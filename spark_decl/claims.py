@@ -301,7 +301,9 @@ class InsertSQL:
     """The parts of :func:`insert_rows`' statements for one table, columns and options."""
 
     into: str  # INSERT INTO table (columns)
-    row: str  # one row of VALUES: (%s, ...), each cast to its column's type on PostgreSQL
+    #: Each column's placeholder: %s, cast to the column's type on PostgreSQL.
+    placeholders: tuple[str, ...]
+    row: str  # one row of VALUES: (placeholders)
     from_json: str | None  # PostgreSQL: the rows as one JSON document
     tail: str  # ON CONFLICT ... RETURNING ...
 
@@ -331,19 +333,20 @@ def _insert_sql(
     if connection.vendor == "postgresql":
         # Typed: datetimes and JSON arrive as text (ISO 8601, JSON text).
         types = [field.db_type(connection) for field in columns]
-        row = "(" + ", ".join(f"%s::{db_type}" for db_type in types) + ")"
+        placeholders = tuple(f"%s::{db_type}" for db_type in types)
         # The rows as one JSON array of arrays, each value's text cast to its column's type.
         values = ", ".join(f"(r ->> {index})::{db_type}" for index, db_type in enumerate(types))
         from_json: str | None = f"SELECT {values} FROM json_array_elements(%s::json) AS r"
     else:
-        row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+        placeholders = ("%s",) * len(fields)
         from_json = None
     tail = ""
     if skip_conflicts_on is not None:
         tail += f" ON CONFLICT ({column(skip_conflicts_on)}) DO NOTHING"
     if returning is not None:
         tail += f" RETURNING {', '.join(map(column, returning))}"
-    _STATEMENTS[key] = InsertSQL(into, row, from_json, tail)
+    row = f"({', '.join(placeholders)})"
+    _STATEMENTS[key] = InsertSQL(into, placeholders, row, from_json, tail)
     return _STATEMENTS[key]
 
 
@@ -361,19 +364,15 @@ def insert_done(cursor: CursorWrapper, record_ids: Sequence[int], handler: str, 
     connection = cursor.db
     sql = _DONE_STATEMENTS.get(connection.vendor)
     if sql is None:
-        meta = HandlerOutcome._meta
-        fields = [cast("Field[Any, Any]", meta.get_field(name)) for name in OUTCOME_FIELDS]
-        columns = ", ".join(_quote(field.column) for field in fields)
+        rows_sql = _insert_sql(connection, HandlerOutcome, OUTCOME_FIELDS, None, None)
+        # The columns' placeholders (typed on PostgreSQL: an INSERT ... SELECT leaves
+        # untyped parameters text), the record's replaced by each id of the JSON array.
+        constants = rows_sql.placeholders[1:]
         if connection.vendor == "postgresql":
-            # Typed, since an INSERT ... SELECT leaves untyped parameters text.
-            ids = "json_array_elements_text(%s::json)::bigint"
-            typed = [f"%s::{field.db_type(connection)}" for field in fields[1:]]
+            ids, source = "json_array_elements_text(%s::json)::bigint", ""
         else:
-            ids = '"value"'
-            typed = ["%s"] * (len(fields) - 1)
-        source = " FROM json_each(%s)" if connection.vendor == "sqlite" else ""
-        select = ", ".join([ids, *typed])
-        sql = f"INSERT INTO {_quote(meta.db_table)} ({columns}) SELECT {select}{source}"
+            ids, source = '"value"', " FROM json_each(%s)"
+        sql = f"{rows_sql.into}SELECT {', '.join([ids, *constants])}{source}"
         _DONE_STATEMENTS[connection.vendor] = sql
     values = [handler, done, 1, "", "", now, now, None]
     ids_json = json.dumps(list(record_ids))
