@@ -13,11 +13,11 @@ from django.db import DEFAULT_DB_ALIAS
 
 from .claims import claim_events, seen_keys
 from .conf import get_settings
-from .context import dump_context
+from .context import dump_context_json
 from .dispatch import DispatchResult, claim_and_dispatch
 from .exceptions import InvalidContext, RegistrationError
 from .registry import registry
-from .validation import is_valid, validate_event
+from .validation import validate_event
 
 if TYPE_CHECKING:
     from django.db.models import Model, QuerySet
@@ -42,11 +42,7 @@ def events_from(instance: Model, sources: Iterable[SourceSpec]) -> list[Event[An
             if produced is None:
                 continue
             for candidate in produced:
-                # validate_event's fast path, inlined: a well-formed dict is kept as it is.
-                if type(candidate) is dict and is_valid(candidate):
-                    append(candidate)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
-                else:
-                    append(validate_event(candidate, source=spec.name))
+                append(validate_event(candidate, source=spec.name))
         except Exception as exc:
             exc.spark_source = spec  # type: ignore[attr-defined]  # pyright: ignore[reportAttributeAccessIssue]
             raise
@@ -200,7 +196,7 @@ def process_queryset(
         """Claim (or, dry, count) ``events`` and run their handlers; how many were new."""
         if mode is Mode.DRY_RUN:
             for event in events:
-                dump_context(event["context"], key=event["key"])  # what a real run refuses
+                dump_context_json(event["context"], key=event["key"])  # what a claim refuses
             return len({event["key"] for event in events})
         if mode is Mode.MARK_ONLY:
             return len(claim_events(events, using=using, handlers=False))

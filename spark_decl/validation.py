@@ -17,7 +17,7 @@ def validate_event(candidate: object, *, source: str | None = None) -> Event[Any
     A missing ``context`` becomes ``{}`` (in a copy; the input is never mutated). Extra keys
     are kept, as django-spark allowed.
     """
-    if type(candidate) is dict and is_valid(candidate):
+    if type(candidate) is dict and _is_valid(candidate):
         return candidate  # type: ignore[return-value]  # pyright: ignore[reportReturnType]
     origin = f" from source {source}" if source else ""
     if not isinstance(candidate, Mapping):
@@ -53,7 +53,7 @@ def validate_event(candidate: object, *, source: str | None = None) -> Event[Any
     return cast("Event[Any]", candidate)
 
 
-def is_valid(candidate: dict[Any, Any]) -> bool:
+def _is_valid(candidate: dict[Any, Any]) -> bool:
     """The common case, checked fast: a dict whose key and group are fine and which has a
     context. Anything else takes the slow path, which names the problem."""
     key = candidate.get("key")
