@@ -98,6 +98,7 @@ def claim_events(
     using: str = DEFAULT_DB_ALIAS,
     handlers: bool = True,
     run_here: bool = False,
+    contexts: Mapping[str, str] | None = None,
 ) -> list[Event[Any]]:
     """Claim the keys of already validated ``events``; return the ones claimed now.
 
@@ -112,6 +113,9 @@ def claim_events(
     row is written for them here; :class:`~spark_decl.calls.CallRunner` writes each one
     with its call's result before that transaction commits. Background calls, which run
     elsewhere, get their ``pending`` rows here all the same.
+
+    ``contexts`` maps keys to their contexts already converted for storage
+    (:func:`~spark_decl.context.dump_context_json`), by a caller that checked them earlier.
     """
     first: dict[str, Event[Any]] = {}
     for event in events:
@@ -123,12 +127,15 @@ def claim_events(
     connection = connections[using]
     check_database(connection)
     created_at = db_datetime(connection, timezone.now())
-    records = [
-        (key, event["group"], dump_context_json(event["context"], key=key), created_at)
-        for key, event in first.items()
-    ]
+    if contexts is None:
+        records = [
+            (key, event["group"], dump_context_json(event["context"], key=key), created_at)
+            for key, event in first.items()
+        ]
+    else:
+        records = [(key, ev["group"], contexts[key], created_at) for key, ev in first.items()]
     # The claims and their outcome rows are one unit. Inside a transaction an error marks
-    # it for rollback, as Model.save() does (a savepoint per save would cost more than the
+    # it for rollback, as Model.save() does (a savepoint would cost more than the
     # claim itself); outside one, they get their own.
     unit = (
         transaction.mark_for_rollback_on_error(using)

@@ -1,11 +1,16 @@
 """Routing events to handlers, when they run, and the ``event_dispatched`` signal.
 
-Handlers run after the transaction that claimed their events commits. Claims made inside a
-caller's transaction (a ``save()`` in ``transaction.atomic()``) are collected per
-connection and dispatched together once it commits, so a transaction of 2,000 saves
-costs one dispatch, not 2,000. Outside a transaction, the claim and the first handler
-calls share one transaction (one commit), and the outcome rows of those calls are written
-once, with their results, instead of ``pending`` and then ``done``.
+Handlers run after the transaction that claimed their events commits. Outside a
+transaction, the claim and the first handler calls share one transaction (one commit), and
+the outcome rows of those calls are written once, with their results, instead of
+``pending`` and then ``done``.
+
+The events of saves made inside a transaction are claimed when it commits, all together:
+a transaction of 2,000 saves costs one claim statement and one dispatch after its commit,
+not a claim per save inside it (see :func:`claim_after_save`). Claims made inside a
+caller's transaction otherwise (:func:`~spark_decl.only_new_events`,
+:func:`~spark_decl.process_queryset`) are collected per connection and dispatched together
+once it commits.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .background import check_enqueueable, enqueues_with_claims, submit
 from .calls import Call, CallRunner
 from .claims import MAX_PARAMETERS, claim_events
 from .conf import get_settings
+from .context import dump_context_json
 from .registry import registry
 from .signals import event_dispatched
 from .validation import validate_event
@@ -101,25 +107,145 @@ def schedule(events: list[Event[Any]], *, using: str) -> DispatchResult | None:
     return None
 
 
-def claim_and_dispatch(events: Sequence[Event[Any]], *, using: str) -> tuple[int, DispatchResult]:
+def claim_and_dispatch(
+    events: Sequence[Event[Any]],
+    *,
+    using: str,
+    contexts: Mapping[str, str] | None = None,
+) -> tuple[int, DispatchResult]:
     """Claim ``events`` and run the handlers of those claimed now; return (new, result).
 
     Inside a transaction the handlers are scheduled for its commit (the result is empty);
-    otherwise the claim and the first handler calls commit together.
+    otherwise the claim and the first handler calls commit together. ``contexts``: as
+    :func:`~spark_decl.claims.claim_events` takes them.
     """
     connection = transaction.get_connection(using)
     if connection.in_atomic_block:
-        claimed = claim_events(events, using=using)
+        claimed = claim_events(events, using=using, contexts=contexts)
         if claimed:
             _dispatch_on_commit(claimed, connection, using=using)
         return len(claimed), DispatchResult()
     runner = CallRunner(using)
     with transaction.atomic(using=using):
-        claimed = claim_events(events, using=using, run_here=True)
+        claimed = claim_events(events, using=using, run_here=True, contexts=contexts)
         calls, enqueued = _submit_background(_calls(claimed), using=using)
         done = runner.run_segment(calls)
         runner.record_outcomes(_unrecorded(claimed, calls))
     return len(claimed), _finish(runner, claimed, calls, done, enqueued)
+
+
+def claim_after_save(events: Sequence[Event[Any]], *, using: str) -> None:
+    """Claim and handle the events of a save: at once in autocommit mode (the row is
+    committed already), else when the saving transaction commits.
+
+    Inside a transaction each context is converted for storage now, so an unstorable one
+    fails the save, and the events wait in an ``on_commit()`` callback (a rollback of the
+    transaction, or of a savepoint around the save, discards them with it). Consecutive
+    saves share one callback, so the transaction's events are claimed together after the
+    commit, one statement per ``CHUNK_SIZE`` events, and nothing is written per save
+    inside it. A crash between the commit
+    and that claim leaves the events to the next ``process_spark_sources``, as in
+    autocommit mode.
+    """
+    connection = transaction.get_connection(using)
+    if not connection.in_atomic_block:
+        claim_and_dispatch(events, using=using)
+        return
+    contexts = [dump_context_json(event["context"], key=event["key"]) for event in events]
+    _SavedEvents.collect(connection, using).add(events, contexts)
+
+
+class _SavedEvents:
+    """An ``on_commit`` callback holding the events of saves made inside a transaction,
+    keyed (first occurrence first) by key, with their contexts converted for storage.
+
+    A save adds its events to the newest callback when that is one of these, not run yet,
+    and waiting on no savepoint the save is not also inside (a rollback would discard both
+    alike); else it registers a new one. Savepoints such as ``update_or_create()``'s put
+    each save in a callback of its own: once they are released, a callback is merged into
+    the one before it, so a loop of them still ends in one or two claims.
+
+    In a ``TestCase``, whose transaction never commits, each save keeps a callback of its
+    own: ``captureOnCommitCallbacks()`` runs only the callbacks registered inside its block.
+    """
+
+    __slots__ = ("contexts", "done", "events", "using")
+    __qualname__ = "spark_decl.dispatch._SavedEvents"
+
+    def __init__(self, using: str) -> None:
+        self.events: dict[str, Event[Any]] = {}
+        self.contexts: dict[str, str] = {}
+        self.using = using
+        self.done = False
+
+    @classmethod
+    def collect(cls, connection: BaseDatabaseWrapper, using: str) -> _SavedEvents:
+        """The callback to add a save's events to, registered if need be."""
+        # Django's entries are (savepoint ids, callback, robust); django-stubs knows two.
+        hooks = cast("list[tuple[set[str], object, bool]]", connection.run_on_commit)
+        if hooks and not _in_test_case(connection):
+            open_savepoints = connection.savepoint_ids
+            sids, newest = hooks[-1][:2]
+            if isinstance(newest, cls) and newest.accepts(using):
+                if sids.issuperset(open_savepoints):
+                    return newest
+                if len(hooks) > 1 and sids.isdisjoint(open_savepoints):
+                    # Still registered, so its savepoints were released: it is as sure
+                    # to run as the transaction. If the one before it is too, merge them.
+                    earlier_sids, earlier = hooks[-2][:2]
+                    if (
+                        isinstance(earlier, cls)
+                        and earlier.accepts(using)
+                        and earlier_sids.isdisjoint(open_savepoints)
+                    ):
+                        earlier.merge(newest)
+                        hooks.pop()
+        callback = cls(using)
+        connection.on_commit(callback, robust=True)
+        return callback
+
+    def accepts(self, using: str) -> bool:
+        return not self.done and self.using == using
+
+    def add(self, events: Sequence[Event[Any]], contexts: Sequence[str]) -> None:
+        for event, context in zip(events, contexts, strict=True):
+            key = event["key"]
+            if key not in self.events:
+                self.events[key] = event
+                self.contexts[key] = context
+
+    def merge(self, later: _SavedEvents) -> None:
+        for key, event in later.events.items():
+            if key not in self.events:
+                self.events[key] = event
+                self.contexts[key] = later.contexts[key]
+
+    def __call__(self) -> None:
+        if self.done:  # captureOnCommitCallbacks(execute=True) ran it before the commit
+            return
+        self.done = True
+        events = list(self.events.values())
+        chunk_size = get_settings().CHUNK_SIZE
+        for start in range(0, len(events), chunk_size):
+            chunk = events[start : start + chunk_size]
+            try:
+                claim_and_dispatch(chunk, using=self.using, contexts=self.contexts)
+            except Exception:
+                # Logged here, not by Django's on_commit(), which on Django 5.2 needs the
+                # callback's __qualname__; the chunks after this one are still claimed.
+                keys = ", ".join(event["key"] for event in chunk[:3])
+                logger.exception(
+                    "Could not claim the events of a committed transaction's saves (%s%s); "
+                    "the next process_spark_sources run produces them again.",
+                    keys,
+                    ", ..." if len(chunk) > 3 else "",
+                )
+
+
+def _in_test_case(connection: BaseDatabaseWrapper) -> bool:
+    """Whether the open transaction is a ``django.test.TestCase``'s (it never commits)."""
+    blocks = connection.atomic_blocks
+    return bool(blocks) and getattr(blocks[0], "_from_testcase", False) is True
 
 
 def _dispatch_on_commit(
@@ -282,11 +408,19 @@ class _Pending:
         for entry in batch:
             entry.done = True
         events = self.events
-        if len(batch) > 1:
-            events = events + _committed(
-                [event for entry in batch[1:] for event in entry.events], using=self.using
+        try:
+            if len(batch) > 1:
+                events = events + _committed(
+                    [event for entry in batch[1:] for event in entry.events], using=self.using
+                )
+            dispatch(events, using=self.using)
+        except Exception:
+            # Not left to Django's on_commit() logging, which on Django 5.2 needs the
+            # callback's __qualname__.
+            logger.exception(
+                "Could not dispatch the events claimed in a committed transaction; their "
+                "calls stay pending and retry_spark_events --stale-after runs them."
             )
-        dispatch(events, using=self.using)
 
 
 # Per connection (connections are per thread): the callbacks not yet run, in order.

@@ -14,7 +14,7 @@ from django.db import DEFAULT_DB_ALIAS
 from .claims import claim_events, seen_keys
 from .conf import get_settings
 from .context import dump_context_json
-from .dispatch import DispatchResult, claim_and_dispatch
+from .dispatch import DispatchResult, claim_after_save, claim_and_dispatch
 from .exceptions import InvalidContext, RegistrationError
 from .registry import registry
 from .validation import validate_event
@@ -56,9 +56,9 @@ def on_post_save(
     using: str = DEFAULT_DB_ALIAS,
     **kwargs: object,
 ) -> None:
-    """``post_save`` receiver: claim the instance's new events inside the saving transaction.
-
-    The handlers run once that transaction commits; a rollback takes the claims with it.
+    """``post_save`` receiver: run the instance's sources, and claim and handle their new
+    events once the saving transaction commits (at once in autocommit mode, where the row
+    is committed already). A rollback discards them.
     Fixture loading (``raw=True``) is skipped: run :func:`process_queryset` afterwards.
     """
     if raw:
@@ -68,7 +68,7 @@ def on_post_save(
         return
     events = events_from(instance, sources)
     if events:
-        claim_and_dispatch(events, using=using)
+        claim_after_save(events, using=using)
 
 
 @dataclass

@@ -189,8 +189,8 @@ def capture_events(*, run_handlers: bool = True) -> Generator[CapturedEvents[Any
 def run_on_commit(
     *, using: str = DEFAULT_DB_ALIAS, run_handlers: bool = True
 ) -> Generator[CapturedEvents[Any], None, None]:
-    """Dispatch, when the block exits, the events its saves claimed, as if the transaction
-    committed there; yield the events dispatched.
+    """Claim and dispatch, when the block exits, the events of its saves, as if the
+    transaction committed there; yield the events dispatched.
 
     For ``django.test.TestCase`` (``@pytest.mark.django_db`` without ``transaction=True``),
     whose transaction is rolled back instead of committed, so handlers waiting for the

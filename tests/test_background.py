@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import suppress
 from typing import Any
+from unittest.mock import patch
 
 import django
 import pytest
@@ -173,28 +174,47 @@ def test_a_rolled_back_save_enqueues_nothing(dummy: DummyBackend) -> None:
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("welcome")
-def test_django_tasks_db_enqueues_in_the_claiming_transaction() -> None:
+def test_django_tasks_db_enqueues_in_the_claiming_transaction(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     with override_settings(TASKS=DATABASE):
         with transaction.atomic():
             challenge = Challenge.objects.create(title="Outbox")
-            # The task row is written with the claim, inside the transaction.
-            [task] = DBTaskResult.objects.all()
-            assert task.task_path == TASK_PATH
-            assert task.args_kwargs == {
-                "args": [],
-                "kwargs": {"handler": WELCOME, "key": f"challenge_created_{challenge.pk}"},
-            }
-        # Committed together, and not enqueued a second time after the commit.
-        assert DBTaskResult.objects.count() == 1
+            # Saves inside a transaction are claimed when it commits: nothing yet.
+            assert not DBTaskResult.objects.exists()
+        # Claimed after the commit, with the task row in the claim's transaction, and
+        # enqueued once.
+        [task] = DBTaskResult.objects.all()
+        assert task.task_path == TASK_PATH
+        assert task.args_kwargs == {
+            "args": [],
+            "kwargs": {"handler": WELCOME, "key": f"challenge_created_{challenge.pk}"},
+        }
         assert EventRecord.objects.filter(key=f"challenge_created_{challenge.pk}").exists()
 
         with suppress(Rollback), transaction.atomic():
             Challenge.objects.create(title="Rolled back")
-            assert DBTaskResult.objects.count() == 2
             raise Rollback
-        # The claim and its task went together.
         assert DBTaskResult.objects.count() == 1
         assert EventRecord.objects.count() == 1
+
+        # The claim and its task commit together: a claim that fails takes its task.
+        with (
+            patch(
+                "spark_decl.dispatch.CallRunner.record_outcomes",
+                side_effect=RuntimeError("the claim's transaction fails"),
+            ),
+            transaction.atomic(),
+        ):
+            failing = Challenge.objects.create(title="Claim fails")
+        assert DBTaskResult.objects.count() == 1
+        assert EventRecord.objects.count() == 1
+        # The save committed; the error is logged, and the batch produces the event again.
+        assert Challenge.objects.filter(pk=failing.pk).exists()
+        [record] = [r for r in caplog.records if r.name == "spark_decl"]
+        assert record.levelname == "ERROR"
+        assert f"challenge_created_{failing.pk}" in record.getMessage()
+        assert "process_spark_sources" in record.getMessage()
 
 
 @pytest.mark.django_db(transaction=True)

@@ -174,21 +174,33 @@ def test_a_retry_killed_midway_is_completed_by_the_next_retry(
     assert_all_handled_once(rows)
 
 
-def test_a_process_killed_while_handling_its_saves_after_commit(pool: Workers) -> None:
-    """Events from saves are claimed in the saving transaction and handled after its
-    commit: killed in between, the claims are there and ``retry_spark_events`` finishes
-    them (the batch finds nothing new)."""
+@pytest.mark.parametrize(
+    ("settings", "claimed", "done"),
+    [
+        # The claim and every call share one transaction: killed in it, nothing is claimed,
+        # and the batch produces the events again from the committed rows.
+        ({"CHUNK_SIZE": CHUNK, "TRANSACTION_SECONDS": 3600}, 0, 0),
+        # The first chunk's claims committed with its first call, its other calls are
+        # pending, for the retry; the later chunks are not claimed yet, for the batch.
+        (EACH_CALL_COMMITS, CHUNK, 100),
+    ],
+    ids=["before_the_claim_commits", "after_the_claim_committed"],
+)
+def test_a_process_killed_while_handling_its_saves_after_commit(
+    pool: Workers, settings: dict[str, Any], claimed: int, done: int
+) -> None:
+    """Events from saves inside a transaction are claimed and handled after its commit:
+    killed in between, ``process_spark_sources`` claims what was not, and
+    ``retry_spark_events`` finishes what was."""
     saves = 300
-    worker = pool.start(
-        "create", str(saves), settings=SHARED_TRANSACTIONS, pause_at=["handler:101"]
-    )
+    worker = pool.start("create", str(saves), settings=settings, pause_at=["handler:101"])
     worker.wait_paused()
     worker.kill()
     pks = list(Challenge.objects.values_list("pk", flat=True))
     assert len(pks) == saves
-    assert EventRecord.objects.count() == saves
-    assert status_counts()["done"] <= 100
+    assert EventRecord.objects.count() == claimed
+    assert status_counts()["done"] == done
 
-    assert pool.batch().startswith(f"{saves} rows, {saves} events, 0 new, ")
+    assert pool.batch().startswith(f"{saves} rows, {saves} events, {saves - claimed} new, ")
     pool.retry()
     assert_all_handled_once(pks)

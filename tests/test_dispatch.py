@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import suppress
 from io import StringIO
+from unittest.mock import patch
 
 import pytest
 from django.core.management import call_command
@@ -13,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from pytest_django import Settings
 
-from spark_decl import Event, handles
+from spark_decl import Event, event, handles, only_new_events, process_events
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.testing import capture_events
 from tests.conftest import logged_keys
@@ -145,7 +147,7 @@ def test_calls_left_for_later_transactions_get_pending_rows_with_their_claims(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_saves_in_one_transaction_are_dispatched_together_after_it_commits(
+def test_saves_in_one_transaction_are_claimed_and_dispatched_together_after_it_commits(
     settings: Settings,
 ) -> None:
     settings.SPARK_DECL = {"TRANSACTION_SECONDS": 3600}  # grouping independent of the machine
@@ -155,35 +157,81 @@ def test_saves_in_one_transaction_are_dispatched_together_after_it_commits(
         transaction.atomic(),
     ):
         challenges = [Challenge.objects.create(title=str(i)) for i in range(30)]
+        # Twice the same instance: its key is claimed once, with the first save's event.
+        challenges[0].save()
+        assert statements(context, skip=("testapp_",)) == []  # nothing written per save
         assert logged_keys() == []
     keys = [f"challenge_created_{c.pk}" for c in challenges]
     assert logged_keys() == keys
     assert dispatched.keys == keys
-    during, after_commit = (
-        statements(context, skip=("testapp_",))[:60],
-        statements(context, skip=("testapp_",))[60:],
-    )
-    assert set(during) == {"INSERT spark_decl_eventrecord", "INSERT spark_decl_handleroutcome"}
-    # One dispatch: the claims are checked with one query, the calls taken in two.
-    assert after_commit == [
-        "SELECT spark_decl_eventrecord",
-        "UPDATE spark_decl_handleroutcome",
-        "UPDATE spark_decl_handleroutcome",
+    # After the commit: one claim statement, and the outcome rows of the calls in one.
+    assert statements(context, skip=("testapp_",)) == [
+        "INSERT spark_decl_eventrecord",
+        "INSERT spark_decl_handleroutcome",
     ]
+    assert set(HandlerOutcome.objects.values_list("status", "attempts")) == {("done", 1)}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_large_transactions_saves_are_claimed_a_chunk_at_a_time_after_it_commits(
+    settings: Settings,
+) -> None:
+    settings.SPARK_DECL = {"CHUNK_SIZE": 10, "TRANSACTION_SECONDS": 3600}
+    with CaptureQueriesContext(connection) as context, transaction.atomic():
+        challenges = [Challenge.objects.create(title=str(i)) for i in range(25)]
+    assert logged_keys() == [f"challenge_created_{c.pk}" for c in challenges]
+    claims = [s for s in statements(context, skip=("testapp_",)) if "eventrecord" in s]
+    assert claims == ["INSERT spark_decl_eventrecord"] * 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_savepoints_around_saves_keep_their_meaning_and_released_ones_merge() -> None:
+    with (
+        capture_events() as dispatched,
+        CaptureQueriesContext(connection) as context,
+        transaction.atomic(),
+    ):
+        kept = [Challenge.objects.create(title="before")]
+        with suppress(RuntimeError), transaction.atomic():
+            Challenge.objects.create(title="rolled back")
+            raise RuntimeError
+        # update_or_create() saves inside a savepoint of its own, each one released.
+        for i in range(20):
+            kept.append(Challenge.objects.update_or_create(title=f"upserted {i}")[0])
+        with transaction.atomic():
+            kept.append(Challenge.objects.create(title="in a released savepoint"))
+            with suppress(RuntimeError), transaction.atomic():
+                Challenge.objects.create(title="rolled back, nested")
+                raise RuntimeError
+        kept.append(Challenge.objects.create(title="after"))
+    assert logged_keys() == [f"challenge_created_{c.pk}" for c in kept]
+    # (On SQLite "upserted 0" gets the rolled-back row's id, so its key too: the event
+    # dispatched for that key must be its own.)
+    assert [e["context"]["challenge"].title for e in dispatched] == [c.title for c in kept]
+    assert EventRecord.objects.count() == len(kept)
+    # The released savepoints' events were merged: a claim or two, not one per save.
+    claims = statements(context, skip=("testapp_",)).count("INSERT spark_decl_eventrecord")
+    assert claims <= 2, claims
 
 
 @pytest.mark.django_db(transaction=True)
 def test_a_claim_rolled_back_in_a_savepoint_is_not_dispatched_even_if_its_id_is_reused() -> None:
+    def claim(challenge: Challenge) -> None:
+        process_events(only_new_events([event("challenge_created", challenge.pk)]))
+
     with transaction.atomic():
-        kept_before = Challenge.objects.create(title="before")
+        kept_before = Challenge.objects.create(title="before", is_active=False)
+        claim(kept_before)
         try:
             with transaction.atomic():
-                rolled_back = Challenge.objects.create(title="rolled back")
+                rolled_back = Challenge.objects.create(title="rolled back", is_active=False)
+                claim(rolled_back)
                 rolled_back_record = EventRecord.objects.get(key__endswith=f"_{rolled_back.pk}")
                 raise RuntimeError
         except RuntimeError:
             pass
-        kept_after = Challenge.objects.create(title="after")
+        kept_after = Challenge.objects.create(title="after", is_active=False)
+        claim(kept_after)
         reused = EventRecord.objects.get(key=f"challenge_created_{kept_after.pk}")
     if connection.vendor == "sqlite":
         # SQLite hands the rolled-back row id out again: the case the check exists for.
@@ -289,3 +337,21 @@ def test_calls_commit_once_the_transaction_budget_is_spent(
     call_command("process_spark_sources", stdout=StringIO())
     assert len(transactions) == 5
     assert len({id(block) for block in transactions}) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_dispatch_failing_after_commit_is_logged_and_the_commit_stands(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    challenge = Challenge.objects.create(title="Claimed inside", is_active=False)
+    with (
+        patch("spark_decl.dispatch.dispatch", side_effect=RuntimeError("database gone")),
+        transaction.atomic(),
+    ):
+        process_events(only_new_events([event("challenge_created", challenge.pk)]))
+    # The commit went through: the claim is there, its call pending for the retry.
+    assert HandlerOutcome.objects.get().status == "pending"
+    [record] = [r for r in caplog.records if r.name == "spark_decl"]
+    assert "retry_spark_events --stale-after" in record.getMessage()
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == "database gone"

@@ -86,8 +86,8 @@ def test_handlers_run_only_after_the_saving_transaction_commits() -> None:
     with transaction.atomic():
         challenge = Challenge.objects.create(title="In a transaction")
         key = f"challenge_created_{challenge.pk}"
-        # The claim is taken inside the transaction ...
-        assert EventRecord.objects.filter(key=key).exists()
+        # The events wait for the commit: not even claimed yet ...
+        assert not EventRecord.objects.filter(key=key).exists()
         order.append("body continues")
         # ... but nothing ran yet, not even when a nested atomic block commits.
         with transaction.atomic():
@@ -97,6 +97,7 @@ def test_handlers_run_only_after_the_saving_transaction_commits() -> None:
     order.append("after commit")
     assert order == ["body continues", "body ends", f"handler {key}", "after commit"]
     assert logged_keys() == [key]
+    assert EventRecord.objects.get().key == key
 
 
 @pytest.mark.django_db(transaction=True)
@@ -108,7 +109,7 @@ def test_a_rolled_back_save_leaves_no_claim_and_runs_no_handler() -> None:
         with transaction.atomic():
             challenge.is_active = True
             challenge.save()
-            assert EventRecord.objects.filter(key=key).exists()
+            assert Challenge.objects.get(pk=challenge.pk).is_active
             raise Boom
 
     with pytest.raises(Boom):

@@ -109,8 +109,8 @@ class Command(BaseCommand):
     def create_challenges(self) -> list[Challenge]:
         self.heading("1. Saving challenges produces events, handled once each")
         self.say(
-            "Each save runs the source. Its events are claimed in the saving transaction and "
-            "handled after the commit."
+            "Each save runs the source. Its new events are claimed and handled once the "
+            "saving transaction commits (in autocommit mode, at once)."
         )
         User = get_user_model()
         users = {
@@ -177,8 +177,9 @@ class Command(BaseCommand):
                 claimed = EventRecord.objects.filter(key=key).exists()
                 self.say(
                     f'Saved "Climb 3 peaks" inside transaction.atomic(): {key!r} is '
-                    f"{'claimed' if claimed else 'NOT claimed'} inside the transaction, "
-                    f"handled so far: {len(self.handled) - before}. Now an error rolls it back."
+                    f"{'claimed (!)' if claimed else 'not claimed yet'}, handled so far: "
+                    f"{len(self.handled) - before}; both wait for the commit. Now an error "
+                    "rolls the transaction back."
                 )
                 raise Rollback
         except Rollback:
