@@ -29,6 +29,15 @@ class RegistrationError(SparkError, ValueError):
     """A decorator or registration function was used wrongly."""
 
 
+class UnknownHandler(SparkError, LookupError):
+    """No handler of the given dotted name is registered (``retry_spark_events --handler``
+    and ``--replay-to``, :meth:`spark_decl.testing.CapturedEvents.routed_to`). The message
+    suggests registered names close to it.
+
+    Also importable as ``spark_decl.retry.UnknownHandler``, where it lived before.
+    """
+
+
 class UnsupportedDatabase(SparkError):
     """The database cannot claim keys atomically (SQLite older than 3.35, or another vendor)."""
 

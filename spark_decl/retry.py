@@ -31,7 +31,7 @@ from django.utils import timezone
 from .calls import PENDING, Call, CallRunner, schedule_after_failure
 from .conf import get_settings
 from .context import ContextUnavailable, load_context
-from .exceptions import SparkError
+from .exceptions import UnknownHandler as UnknownHandler  # re-exported: it lived here
 from .registry import compile_pattern, registry
 from .sources import iterate_chunks
 
@@ -45,10 +45,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("spark_decl")
 
 DEFAULT_STALE_AFTER = 300
-
-
-class UnknownHandler(SparkError, LookupError):
-    """No handler of the given dotted name is registered (``--handler``, ``--replay-to``)."""
 
 
 @dataclass
@@ -84,7 +80,8 @@ class ReplayResult:
 
 
 def resolve_handler(name: str) -> HandlerSpec:
-    """The registered handler called ``name`` (its dotted name), or :class:`UnknownHandler`.
+    """The registered handler called ``name`` (its dotted name), or
+    :class:`~spark_decl.exceptions.UnknownHandler`.
 
     Names are only ever looked up in the registry, never imported.
     """
@@ -223,8 +220,8 @@ def retry_events(
     What ``manage.py retry_spark_events`` runs; the arguments are those of
     :func:`due_outcomes`. An invalid ``group`` expression raises
     :class:`~spark_decl.exceptions.InvalidPattern` and an unregistered ``handler``
-    :class:`UnknownHandler`, before anything runs. Safe to run from several processes at
-    once: each call runs in at most one of them.
+    :class:`~spark_decl.exceptions.UnknownHandler`, before anything runs. Safe to run from
+    several processes at once: each call runs in at most one of them.
     """
     if handler is not None:
         resolve_handler(handler)

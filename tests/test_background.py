@@ -27,10 +27,9 @@ from django_tasks_db.models import DBTaskResult
 from spark_decl import Event, event, event_source, handles, process_events
 from spark_decl._tasks import DummyBackend, TaskResult, task_backends
 from spark_decl.background import SourceErrors, run_chunk
-from spark_decl.exceptions import BackgroundUnavailable, InvalidContext
+from spark_decl.exceptions import BackgroundUnavailable, InvalidContext, UnknownHandler
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry, function_name
-from spark_decl.retry import UnknownHandler
 from spark_decl.signals import handler_failed
 from tests.testapp.models import Challenge, HandlerLog
 

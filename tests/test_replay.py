@@ -14,10 +14,10 @@ from pytest_django import Settings
 
 from spark_decl import Event, event, handles, only_new_events, process_events
 from spark_decl.claims import claim_events
-from spark_decl.exceptions import InvalidPattern
+from spark_decl.exceptions import InvalidPattern, UnknownHandler
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry, function_name
-from spark_decl.retry import UnknownHandler, replay_events
+from spark_decl.retry import replay_events
 from spark_decl.signals import handler_failed
 from spark_decl.testing import capture_events
 from spark_decl.validation import validate_event
@@ -286,3 +286,12 @@ def test_concurrent_replays_send_each_event_once() -> None:
     assert set(HandlerOutcome.objects.values_list("status", "attempts")) == {("done", 1)}
     succeeded = [int(out.split(" succeeded")[0].rsplit(" ", 1)[1]) for out in outputs]
     assert sum(succeeded) == CONCURRENT_KEYS
+
+
+def test_unknown_handler_is_still_importable_from_retry() -> None:
+    from spark_decl import retry
+    from spark_decl.exceptions import SparkError
+
+    assert retry.UnknownHandler is UnknownHandler
+    assert issubclass(UnknownHandler, SparkError)
+    assert issubclass(UnknownHandler, LookupError)

@@ -17,10 +17,9 @@ from pytest_django import DjangoCaptureOnCommitCallbacks
 
 from spark_decl import Event, event, handles, only_new_events, process_events
 from spark_decl import dispatch as dispatch_module
-from spark_decl.exceptions import InvalidPattern
+from spark_decl.exceptions import InvalidPattern, UnknownHandler
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry, function_name
-from spark_decl.retry import UnknownHandler
 from spark_decl.testing import CapturedEvents, capture_events, run_on_commit
 from tests.conftest import CHALLENGE_HANDLER, logged_keys
 from tests.testapp.models import Challenge, Donation, HandlerLog

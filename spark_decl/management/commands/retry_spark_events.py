@@ -7,11 +7,10 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from spark_decl.exceptions import InvalidPattern
+from spark_decl.exceptions import InvalidPattern, UnknownHandler
 from spark_decl.retry import (
     DEFAULT_STALE_AFTER,
     ReplayResult,
-    UnknownHandler,
     replay_events,
     retry_events,
 )
