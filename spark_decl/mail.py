@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+import django
 from django.core.mail import EmailMultiAlternatives
 from django.template import TemplateDoesNotExist
 from django.template.loader import get_template
@@ -59,6 +60,7 @@ def templated(
     context: Callable[[Event[Any]], Mapping[str, Any]] | None = None,
     from_email: str | None = None,
     connection: Callable[[], BaseEmailBackend] | None = None,
+    using: str | None = None,
     fail_silently: bool = False,
     module: str | None = None,
 ) -> TemplatedMail:
@@ -84,9 +86,16 @@ def templated(
     :param context: called with the event; returns extra template variables.
     :param from_email: the sender; ``None`` means ``settings.DEFAULT_FROM_EMAIL``.
     :param connection: called once per mail; returns the email backend to send with
-        (e.g. ``lambda: get_connection("...")``). ``None`` means ``settings.EMAIL_BACKEND``.
+        (e.g. ``lambda: get_connection("...")``). ``None``: Django's default (the
+        ``"default"`` mailer of ``settings.MAILERS`` on Django 6.1+, else
+        ``settings.EMAIL_BACKEND``).
+    :param using: Django 6.1+: the alias of the mailer in ``settings.MAILERS`` to send
+        with, instead of the default one. Not with ``connection``.
     :param fail_silently: ``False`` (default) lets sending errors fail the handler call,
-        so it is recorded and retried. ``True`` hides them: a lost mail is lost.
+        so it is recorded and retried. ``True`` catches them: the error is logged at
+        ``WARNING`` on the ``spark_decl.mail`` logger, the call succeeds, and the mail is
+        lost. (spark_decl does this itself, without Django's ``fail_silently``
+        arguments, which Django 6.1 deprecates.)
     :param module: the first half of the handler's name, when ``templated()`` is called
         from a helper instead of the module that registers the handler.
     """
@@ -102,6 +111,7 @@ def templated(
         context=context,
         from_email=from_email,
         connection=connection,
+        using=using,
         fail_silently=fail_silently,
         module=module,
     )
@@ -123,6 +133,7 @@ class TemplatedMail:
         context: Callable[[Event[Any]], Mapping[str, Any]] | None = None,
         from_email: str | None = None,
         connection: Callable[[], BaseEmailBackend] | None = None,
+        using: str | None = None,
         fail_silently: bool = False,
         module: str,
     ) -> None:
@@ -152,6 +163,24 @@ class TemplatedMail:
                 raise RegistrationError(
                     f"{argument}= of {where} must be a callable, got {value!r}."
                 )
+        if using is not None:
+            if django.VERSION < (6, 1):
+                raise RegistrationError(
+                    f"using= of {where} names a mailer of settings.MAILERS, which Django "
+                    f"6.1 introduced; this is Django {django.get_version()}: pass "
+                    f"connection= instead."
+                )
+            # Typed as promised; checked as what it may really be.
+            if not isinstance(cast("object", using), str) or not using:
+                raise RegistrationError(
+                    f"using= of {where} must be the alias of a mailer in settings.MAILERS, "
+                    f"got {using!r}."
+                )
+            if connection is not None:
+                raise RegistrationError(
+                    f"{where} takes connection= or using=, not both: using= picks a "
+                    f"mailer of settings.MAILERS, connection= makes the backend itself."
+                )
 
         self.template = template
         self.html_template: str | Literal[False] = html_template
@@ -160,6 +189,7 @@ class TemplatedMail:
         self.extra_context = context
         self.from_email = from_email
         self.connection = connection
+        self.using = using
         self.fail_silently = fail_silently
         # The handler's registry name is f"{__module__}.{__qualname__}".
         self.__module__ = module
@@ -180,16 +210,33 @@ class TemplatedMail:
                 event["key"],
             )
             return
+        try:
+            self._send(message)
+        except Exception as exc:
+            if not self.fail_silently:
+                raise
+            logger.warning(
+                "%s.%s could not send the mail for event %r, and fail_silently=True "
+                "drops it: %s: %s",
+                self.__module__,
+                self.__qualname__,
+                event["key"],
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+
+    def _send(self, message: EmailMultiAlternatives) -> None:
+        # Never with Django's fail_silently arguments, which Django 6.1 deprecates (even
+        # when False); fail_silently is handled in __call__.
         if self.connection is not None:
             # Handed to the backend directly: Django 6.1 deprecates message.connection.
-            backend = self.connection()
-            if self.fail_silently:
-                backend.fail_silently = True
-            backend.send_messages([message])
-        elif self.fail_silently:
-            message.send(fail_silently=True)
+            self.connection().send_messages([message])
+        elif self.using is not None:
+            # Django 6.1's signature; django-stubs for 5.2 do not know using= yet.
+            send: Callable[..., int] = message.send
+            send(using=self.using)
         else:
-            # No fail_silently argument: Django 6.1 deprecates it, even when False.
             message.send()
 
     def message(self, event: Event[Any]) -> EmailMultiAlternatives:

@@ -7,10 +7,12 @@ backend (``django.core.mail.outbox``).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from io import StringIO
 from typing import Any, assert_type, cast
 
+import django
 import pytest
 from django.core import mail as django_mail
 from django.core.mail import EmailMessage
@@ -55,9 +57,15 @@ class DownBackend(BaseEmailBackend):
     """An SMTP server that refuses every connection."""
 
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
-        if self.fail_silently:
-            return 0
         raise ConnectionRefusedError("SMTP server down")
+
+
+def default_backend(path: str) -> override_settings:
+    """Make ``path`` the default email backend: the default mailer on Django 6.1+
+    (``EMAIL_BACKEND`` is deprecated there), else ``EMAIL_BACKEND``."""
+    if django.VERSION >= (6, 1):
+        return override_settings(MAILERS={"default": {"BACKEND": path}})
+    return override_settings(EMAIL_BACKEND=path)
 
 
 class RecordingBackend(BaseEmailBackend):
@@ -281,7 +289,7 @@ def test_a_sending_error_is_recorded_and_retry_sends_the_mail(
     send_mails = handles(r"^challenge")(
         mail.templated(TEMPLATE, name="send_mails", recipients=to_owner)
     )
-    with override_settings(EMAIL_BACKEND="tests.test_mail.DownBackend"):
+    with default_backend("tests.test_mail.DownBackend"):
         challenge = Challenge.objects.create(title="Row")
 
     key = f"challenge_created_{challenge.pk}"
@@ -299,14 +307,65 @@ def test_a_sending_error_is_recorded_and_retry_sends_the_mail(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_fail_silently_loses_the_mail_without_a_failure(isolated_registry: Registry) -> None:
+@pytest.mark.parametrize("with_connection", [False, True], ids=["default", "connection"])
+def test_fail_silently_loses_the_mail_without_a_failure_and_logs_it(
+    isolated_registry: Registry, caplog: pytest.LogCaptureFixture, with_connection: bool
+) -> None:
     send_mails = handles(r"^challenge")(
-        mail.templated(TEMPLATE, name="send_mails", recipients=to_owner, fail_silently=True)
+        mail.templated(
+            TEMPLATE,
+            name="send_mails",
+            recipients=to_owner,
+            connection=DownBackend if with_connection else None,
+            fail_silently=True,
+        )
     )
-    with override_settings(EMAIL_BACKEND="tests.test_mail.DownBackend"):
+    # Django 6.1 deprecates its own fail_silently arguments: spark_decl passes none.
+    with default_backend("tests.test_mail.DownBackend"), warnings.catch_warnings():
+        warnings.simplefilter("error")
         challenge = Challenge.objects.create(title="Row")
 
-    assert outcome(f"challenge_created_{challenge.pk}", send_mails).status == "done"
+    key = f"challenge_created_{challenge.pk}"
+    assert outcome(key, send_mails).status == "done"
+    [record] = [r for r in caplog.records if r.name == "spark_decl.mail"]
+    assert record.levelname == "WARNING"
+    assert key in record.getMessage()
+    assert "ConnectionRefusedError: SMTP server down" in record.getMessage()
+
+
+@pytest.mark.skipif(django.VERSION < (6, 1), reason="MAILERS is new in Django 6.1")
+@pytest.mark.django_db(transaction=True)
+def test_using_sends_with_that_mailer_of_settings_mailers(isolated_registry: Registry) -> None:
+    RecordingBackend.sent = []
+    mailers = {
+        "default": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"},
+        "transactional": {"BACKEND": "tests.test_mail.RecordingBackend"},
+    }
+    handles(r"^challenge")(
+        mail.templated(TEMPLATE, name="send_mails", recipients=to_owner, using="transactional")
+    )
+    with override_settings(MAILERS=mailers), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Challenge.objects.create(title="Row")
+    assert [message.subject for message in RecordingBackend.sent] == ['Welcome to "Row"']
+    assert outbox() == []
+
+    with pytest.raises(RegistrationError, match="connection= or using=, not both"):
+        mail.templated(
+            TEMPLATE,
+            name="both",
+            recipients=to_owner,
+            using="transactional",
+            connection=RecordingBackend,
+        )
+    with pytest.raises(RegistrationError, match=r"using= of .* must be the alias"):
+        mail.templated(TEMPLATE, name="blank", recipients=to_owner, using="")
+
+
+@pytest.mark.skipif(django.VERSION >= (6, 1), reason="Django 6.1 has MAILERS")
+def test_using_before_django_6_1_is_a_registration_error() -> None:
+    with pytest.raises(RegistrationError, match=r"Django 6\.1 introduced; this is Django 5"):
+        mail.templated(TEMPLATE, name="send_mails", recipients=to_owner, using="transactional")
 
 
 @pytest.mark.django_db(transaction=True)
