@@ -159,11 +159,13 @@ class _SavedEvents:
     """An ``on_commit`` callback holding the events of saves made inside a transaction,
     keyed (first occurrence first) by key, with their contexts converted for storage.
 
-    A save adds its events to the newest callback when that is one of these, not run yet,
-    and waiting on no savepoint the save is not also inside (a rollback would discard both
-    alike); else it registers a new one. Savepoints such as ``update_or_create()``'s put
-    each save in a callback of its own: once they are released, a callback is merged into
-    the one before it, so a loop of them still ends in one or two claims.
+    A save adds its events to the newest of these callbacks when that is not run yet and
+    waits on no savepoint the save is not also inside (a rollback would discard both
+    alike), even if other code registered callbacks after it (those then run after these
+    events are handled, as with any claim made inside a transaction); else it registers a
+    new one. Savepoints such as ``update_or_create()``'s put each save in a callback of
+    its own: once they are released, a callback is merged into the one before it, so a
+    loop of them still ends in one or two claims.
 
     In a ``TestCase``, whose transaction never commits, each save keeps a callback of its
     own: ``captureOnCommitCallbacks()`` runs only the callbacks registered inside its block.
@@ -185,24 +187,63 @@ class _SavedEvents:
         hooks = cast("list[tuple[set[str], object, bool]]", connection.run_on_commit)
         if hooks and not _in_test_case(connection):
             open_savepoints = connection.savepoint_ids
-            sids, newest = hooks[-1][:2]
-            if isinstance(newest, cls) and newest.accepts(using):
+            found = cls._newest(connection, hooks, using)
+            if found is not None:
+                sids, callback = hooks[found][:2]
                 if sids.issuperset(open_savepoints):
-                    return newest
-                if len(hooks) > 1 and sids.isdisjoint(open_savepoints):
-                    # Still registered, so its savepoints were released: it is as sure
-                    # to run as the transaction. If the one before it is too, merge them.
-                    earlier_sids, earlier = hooks[-2][:2]
-                    if (
-                        isinstance(earlier, cls)
-                        and earlier.accepts(using)
-                        and earlier_sids.isdisjoint(open_savepoints)
-                    ):
-                        earlier.merge(newest)
-                        hooks.pop()
+                    return cast("_SavedEvents", callback)
+            sids, newest = hooks[-1][:2]
+            if (
+                isinstance(newest, cls)
+                and newest.accepts(using)
+                and len(hooks) > 1
+                and sids.isdisjoint(open_savepoints)
+            ):
+                # Still registered, so its savepoints were released: it is as sure to run
+                # as the transaction. If the one before it is too, merge them.
+                earlier_sids, earlier = hooks[-2][:2]
+                if (
+                    isinstance(earlier, cls)
+                    and earlier.accepts(using)
+                    and earlier_sids.isdisjoint(open_savepoints)
+                ):
+                    earlier.merge(newest)
+                    hooks.pop()
         callback = cls(using)
         connection.on_commit(callback, robust=True)
+        _NEWEST[connection] = (id(connection.run_on_commit), len(connection.run_on_commit) - 1)
         return callback
+
+    @classmethod
+    def _newest(
+        cls,
+        connection: BaseDatabaseWrapper,
+        hooks: list[tuple[set[str], object, bool]],
+        using: str,
+    ) -> int | None:
+        """The index in ``hooks`` of the newest of these callbacks, if it can still take
+        events: where the last one registered went, as long as the list is the same
+        (Django replaces it when a savepoint rolls back); else searched for among the
+        last few (other code may have registered callbacks of its own since). Only a hint:
+        whatever it finds is checked, and is in ``hooks``, so it will run."""
+        remembered = _NEWEST.get(connection)
+        if remembered is not None and remembered[0] == id(hooks) and remembered[1] < len(hooks):
+            index = remembered[1]
+        else:
+            index = next(
+                (
+                    i
+                    for i in range(len(hooks) - 1, max(len(hooks) - 1 - LOOK_BACK, -1), -1)
+                    if isinstance(hooks[i][1], cls)
+                ),
+                -1,
+            )
+        if index < 0:
+            return None
+        callback = hooks[index][1]
+        if not isinstance(callback, cls) or not callback.accepts(using):
+            return None
+        return index
 
     def accepts(self, using: str) -> bool:
         return not self.done and self.using == using
@@ -240,6 +281,16 @@ class _SavedEvents:
                     keys,
                     ", ..." if len(chunk) > 3 else "",
                 )
+
+
+# How many newer on_commit() callbacks of other code a save looks past for one of ours,
+# when it does not know where the newest is.
+LOOK_BACK = 8
+# Per connection: (id() of its run_on_commit list, the index in it of the newest
+# _SavedEvents), a hint for _SavedEvents.collect().
+_NEWEST: weakref.WeakKeyDictionary[BaseDatabaseWrapper, tuple[int, int]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _in_test_case(connection: BaseDatabaseWrapper) -> bool:

@@ -185,6 +185,20 @@ def test_a_large_transactions_saves_are_claimed_a_chunk_at_a_time_after_it_commi
 
 
 @pytest.mark.django_db(transaction=True)
+def test_saves_each_followed_by_an_on_commit_callback_still_share_one_claim() -> None:
+    notified: list[int] = []
+    with CaptureQueriesContext(connection) as context, transaction.atomic():
+        for i in range(20):
+            challenge = Challenge.objects.create(title=str(i))
+            transaction.on_commit(lambda pk=challenge.pk: notified.append(pk))
+    pks = list(Challenge.objects.order_by("pk").values_list("pk", flat=True))
+    assert notified == pks
+    assert logged_keys() == [f"challenge_created_{pk}" for pk in pks]
+    claims = statements(context, skip=("testapp_",)).count("INSERT spark_decl_eventrecord")
+    assert claims == 1
+
+
+@pytest.mark.django_db(transaction=True)
 def test_savepoints_around_saves_keep_their_meaning_and_released_ones_merge() -> None:
     with (
         capture_events() as dispatched,
