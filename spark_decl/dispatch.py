@@ -187,12 +187,13 @@ class _SavedEvents:
         hooks = cast("list[tuple[set[str], object, bool]]", connection.run_on_commit)
         if hooks and not _in_test_case(connection):
             open_savepoints = connection.savepoint_ids
-            found = cls._newest(connection, hooks, using)
-            if found is not None:
-                sids, callback = hooks[found][:2]
-                if sids.issuperset(open_savepoints):
-                    return cast("_SavedEvents", callback)
             sids, newest = hooks[-1][:2]
+            if isinstance(newest, cls) and newest.accepts(using):
+                found: int | None = len(hooks) - 1  # the usual case: the save before
+            else:
+                found = cls._newest(connection, hooks, using)
+            if found is not None and hooks[found][0].issuperset(open_savepoints):
+                return cast("_SavedEvents", hooks[found][1])
             if (
                 isinstance(newest, cls)
                 and newest.accepts(using)
@@ -249,10 +250,11 @@ class _SavedEvents:
         return not self.done and self.using == using
 
     def add(self, events: Sequence[Event[Any]], contexts: Sequence[str]) -> None:
+        known = self.events
         for event, context in zip(events, contexts, strict=True):
             key = event["key"]
-            if key not in self.events:
-                self.events[key] = event
+            if key not in known:
+                known[key] = event
                 self.contexts[key] = context
 
     def merge(self, later: _SavedEvents) -> None:
