@@ -187,13 +187,10 @@ class _SavedEvents:
         hooks = cast("list[tuple[set[str], object, bool]]", connection.run_on_commit)
         if hooks and not _in_test_case(connection):
             open_savepoints = connection.savepoint_ids
-            sids, newest = hooks[-1][:2]
-            if isinstance(newest, cls) and newest.accepts(using):
-                found: int | None = len(hooks) - 1  # the usual case: the save before
-            else:
-                found = cls._newest(connection, hooks, using)
+            found = cls._newest(connection, hooks, using)
             if found is not None and hooks[found][0].issuperset(open_savepoints):
                 return cast("_SavedEvents", hooks[found][1])
+            sids, newest = hooks[-1][:2]
             if (
                 isinstance(newest, cls)
                 and newest.accepts(using)
@@ -224,21 +221,17 @@ class _SavedEvents:
     ) -> int | None:
         """The index in ``hooks`` of the newest of these callbacks, if it can still take
         events: where the last one registered went, as long as the list is the same
-        (Django replaces it when a savepoint rolls back); else searched for among the
-        last few (other code may have registered callbacks of its own since). Only a hint:
-        whatever it finds is checked, and is in ``hooks``, so it will run."""
-        remembered = _NEWEST.get(connection)
-        if remembered is not None and remembered[0] == id(hooks) and remembered[1] < len(hooks):
-            index = remembered[1]
+        (Django replaces it when a savepoint rolls back), else searched for among the last
+        few entries (other code may have registered callbacks of its own since). Whatever
+        it finds is checked, and is in ``hooks``, so it will run."""
+        last = len(hooks) - 1
+        remembered = None if isinstance(hooks[last][1], cls) else _NEWEST.get(connection)
+        if remembered is None or remembered[0] != id(hooks) or remembered[1] > last:
+            # The last entry first: usually the save before registered it.
+            candidates = range(last, max(last - LOOK_BACK, -1), -1)
+            index = next((i for i in candidates if isinstance(hooks[i][1], cls)), -1)
         else:
-            index = next(
-                (
-                    i
-                    for i in range(len(hooks) - 1, max(len(hooks) - 1 - LOOK_BACK, -1), -1)
-                    if isinstance(hooks[i][1], cls)
-                ),
-                -1,
-            )
+            index = remembered[1]
         if index < 0:
             return None
         callback = hooks[index][1]
@@ -249,7 +242,7 @@ class _SavedEvents:
     def accepts(self, using: str) -> bool:
         return not self.done and self.using == using
 
-    def add(self, events: Sequence[Event[Any]], contexts: Sequence[str]) -> None:
+    def add(self, events: Iterable[Event[Any]], contexts: Iterable[str]) -> None:
         known = self.events
         for event, context in zip(events, contexts, strict=True):
             key = event["key"]
@@ -258,10 +251,7 @@ class _SavedEvents:
                 self.contexts[key] = context
 
     def merge(self, later: _SavedEvents) -> None:
-        for key, event in later.events.items():
-            if key not in self.events:
-                self.events[key] = event
-                self.contexts[key] = later.contexts[key]
+        self.add(later.events.values(), later.contexts.values())
 
     def __call__(self) -> None:
         if self.done:  # captureOnCommitCallbacks(execute=True) ran it before the commit
