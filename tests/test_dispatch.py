@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import suppress
+from functools import partial
 from io import StringIO
 from unittest.mock import patch
 
@@ -190,7 +191,7 @@ def test_saves_each_followed_by_an_on_commit_callback_still_share_one_claim() ->
     with CaptureQueriesContext(connection) as context, transaction.atomic():
         for i in range(20):
             challenge = Challenge.objects.create(title=str(i))
-            transaction.on_commit(lambda pk=challenge.pk: notified.append(pk))
+            transaction.on_commit(partial(notified.append, challenge.pk))
     pks = list(Challenge.objects.order_by("pk").values_list("pk", flat=True))
     assert notified == pks
     assert logged_keys() == [f"challenge_created_{pk}" for pk in pks]
