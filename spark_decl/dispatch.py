@@ -143,9 +143,8 @@ def claim_after_save(events: Sequence[Event[Any]], *, using: str) -> None:
     transaction, or of a savepoint around the save, discards them with it). Consecutive
     saves share one callback, so the transaction's events are claimed together after the
     commit, one statement per ``CHUNK_SIZE`` events, and nothing is written per save
-    inside it. A crash between the commit
-    and that claim leaves the events to the next ``process_spark_sources``, as in
-    autocommit mode.
+    inside it. A crash between the commit and that claim leaves the events to the next
+    ``process_spark_sources``, as in autocommit mode.
     """
     connection = transaction.get_connection(using)
     if not connection.in_atomic_block:
