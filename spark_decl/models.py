@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from django.db import models
+from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    # django-stubs' fields are generic (set and get types); Django's are not subscriptable.
+    _BigAutoField = models.BigAutoField[int, int]
+else:
+    _BigAutoField = models.BigAutoField
+
+
+class RowIdField(_BigAutoField):
+    """A ``BigAutoField`` that is SQLite's plain ``rowid`` (no ``AUTOINCREMENT``).
+
+    ``AUTOINCREMENT`` only stops SQLite from reusing the id of the table's newest row
+    after that row is deleted. Nothing refers to a deleted event or outcome by id, while the
+    ``sqlite_sequence`` update it costs is a measurable part of each claim (see
+    ``benchmarks/sqlite_writes.py``). Other databases keep their identity column.
+    """
+
+    def db_type_suffix(self, connection: BaseDatabaseWrapper) -> str | None:
+        if connection.vendor == "sqlite":
+            return None
+        return connection.data_types_suffix.get(self.get_internal_type())
 
 
 class EventRecord(models.Model):
     """A claimed event key. Its unique ``key`` is what makes every event happen once."""
 
+    id = RowIdField(primary_key=True, serialize=False, verbose_name="ID")
     key = models.CharField(_("key"), max_length=255, unique=True)
     group = models.CharField(_("group"), max_length=255, db_index=True)
     context = models.JSONField(_("context"), default=dict, blank=True)
@@ -29,6 +54,8 @@ class EventRecord(models.Model):
 
 class HandlerOutcome(models.Model):
     """What became of one handler's call for one event."""
+
+    id = RowIdField(primary_key=True, serialize=False, verbose_name="ID")
 
     class Status(models.TextChoices):
         PENDING = "pending", _("pending")
@@ -69,7 +96,13 @@ class HandlerOutcome(models.Model):
             ),
         ]
         indexes: ClassVar[list[models.Index]] = [
-            models.Index(fields=["status", "next_attempt_at"], name="spark_decl_due_idx"),
+            # Only the calls a retry may pick up: a successful call, by far the most
+            # common row, then costs no index entry (see retry.due_outcomes).
+            models.Index(
+                fields=["status", "next_attempt_at"],
+                name="spark_decl_due_idx",
+                condition=~Q(status="done"),
+            ),
         ]
 
     def __str__(self) -> str:

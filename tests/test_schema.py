@@ -1,0 +1,117 @@
+"""What the migration creates, for the writes each claim makes and the reads that use it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from spark_decl.models import EventRecord, HandlerOutcome
+from spark_decl.retry import due_outcomes
+
+pytestmark = pytest.mark.django_db
+
+Status = HandlerOutcome.Status
+
+
+def table_sql(table: str) -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT sql FROM sqlite_master WHERE name = %s", [table])
+        (sql,) = cursor.fetchone()
+    assert isinstance(sql, str)
+    return sql
+
+
+def index_definition(name: str) -> str:
+    with connection.cursor() as cursor:
+        if connection.vendor == "sqlite":
+            cursor.execute("SELECT sql FROM sqlite_master WHERE name = %s", [name])
+        else:
+            cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", [name])
+        (definition,) = cursor.fetchone()
+    assert isinstance(definition, str)
+    return definition
+
+
+@pytest.mark.parametrize("model", [EventRecord, HandlerOutcome])
+def test_ids_cost_no_sequence_write(model: type[EventRecord | HandlerOutcome]) -> None:
+    """SQLite: a plain rowid (no AUTOINCREMENT, whose sqlite_sequence update each claim
+    would pay); PostgreSQL: the identity column every BigAutoField has."""
+    table = model._meta.db_table
+    if connection.vendor == "sqlite":
+        sql = table_sql(table)
+        assert '"id" integer NOT NULL PRIMARY KEY,' in sql
+        assert "AUTOINCREMENT" not in sql
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT is_identity FROM information_schema.columns "
+                "WHERE table_name = %s AND column_name = 'id'",
+                [table],
+            )
+            assert cursor.fetchone() == ("YES",)
+
+
+def test_ids_ascend() -> None:
+    now = timezone.now()
+    first = EventRecord.objects.create(key="a", group="g", created_at=now)
+    second = EventRecord.objects.create(key="b", group="g", created_at=now)
+    assert 0 < first.pk < second.pk
+
+
+def test_due_index_leaves_out_successful_calls() -> None:
+    definition = index_definition("spark_decl_due_idx")
+    assert "WHERE" in definition.upper()
+    assert "done" in definition
+
+
+DUE_QUERIES: list[dict[str, Any]] = [
+    {},
+    {"stale_after": None},
+    {"ignore_schedule": True, "include_given_up": True},
+    {"stale_after": None, "handler": "tests.testapp.spark.greet"},
+]
+
+
+@pytest.mark.skipif(
+    connection.vendor != "sqlite",
+    reason="PostgreSQL proves a partial index's condition itself; its plans follow statistics",
+)
+@pytest.mark.parametrize("options", DUE_QUERIES, ids=lambda options: ",".join(options))
+def test_due_query_reads_the_due_index(options: dict[str, Any]) -> None:
+    """SQLite uses a partial index only for a query that states its condition: the
+    retry's selection must, in each alternative of its OR, or it reads every call."""
+    now = timezone.now()
+    record = EventRecord.objects.create(key="k", group="g", created_at=now)
+    for number, status in enumerate(Status):
+        HandlerOutcome.objects.create(
+            record=record, handler=f"h{number}", status=status, created_at=now
+        )
+
+    plan = due_outcomes(**options).explain()
+
+    assert "spark_decl_due_idx" in plan
+    assert "SCAN spark_decl_handleroutcome" not in plan
+
+
+def test_due_query_selects_by_status() -> None:
+    """The conditions the query restates for the index change nothing it selects."""
+    long_ago = timezone.now() - timedelta(days=1)
+    record = EventRecord.objects.create(key="k", group="g", created_at=long_ago)
+    for number, status in enumerate(Status):
+        HandlerOutcome.objects.create(
+            record=record, handler=f"h{number}", status=status, created_at=long_ago
+        )
+
+    def selected(**options: Any) -> set[str]:
+        return {outcome.status for outcome in due_outcomes(**options)}
+
+    assert selected(stale_after=60) == {Status.FAILED, Status.PENDING}
+    assert selected(stale_after=None) == {Status.FAILED}
+    assert selected(stale_after=None, include_given_up=True) == {
+        Status.FAILED,
+        Status.GIVEN_UP,
+    }
