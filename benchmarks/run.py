@@ -239,9 +239,9 @@ def run_processes(
 
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One worker result from several processes' results of the same measurement: the best
-    time (``seconds``, ``per_event_us``), every run (``runs``, ``over_bare``), and the
-    median of the per-process ratios (``overhead``: each process alternates its plain and
-    registered runs, so its own ratio is the comparable one)."""
+    time (``seconds``, ``per_event_us``), every run (``runs``, ``over_bare``, ``overheads``),
+    and the median of the per-process ratios (``overhead``: each process alternates its plain
+    and registered saves or runs, so its own ratio is the comparable one)."""
     merged: dict[str, Any] = {}
     for key, value in results[0].items():
         values = [result[key] for result in results if key in result]
@@ -249,7 +249,7 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
             merged[key] = merge(values)
         elif key in ("seconds", "per_event_us"):
             merged[key] = min(values)
-        elif key in ("runs", "over_bare"):
+        elif key in ("runs", "over_bare", "overheads"):
             merged[key] = [run for process in values for run in process]
         elif key == "overhead":
             merged[key] = statistics.median(values)

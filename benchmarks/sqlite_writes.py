@@ -7,11 +7,14 @@ in autocommit mode), then one transaction writes what a package writes for its e
 * ``plain``: nothing (the reference);
 * ``django_spark``: one row of django-spark 0.3.0's table (``key`` primary key, ``group``
   index);
-* ``claim``: one ``EventRecord`` row as spark_decl's migration creates it (``AUTOINCREMENT``
-  id, unique ``key``, ``group`` and ``created_at`` indexes);
-* ``claim_outcome``: that and the call's ``HandlerOutcome`` row (what spark_decl writes);
-* ``claim_lean``: an ``EventRecord`` without ``AUTOINCREMENT`` and without the ``group``
-  and ``created_at`` indexes (what it would take to write as little as django-spark).
+* ``claim``: one ``EventRecord`` row as spark_decl's migration creates it (rowid ``id``,
+  unique ``key``, ``group`` and ``created_at`` indexes);
+* ``claim_outcome``: that and the call's ``HandlerOutcome`` row (what spark_decl writes; the
+  partial index of unfinished calls gets no entry for it);
+* ``claim_outcome_old``: the same rows in the tables as they were before ``0001_initial``
+  was revised (``AUTOINCREMENT`` ids, the due index over every call);
+* ``claim_lean``: an ``EventRecord`` without the ``group`` and ``created_at`` indexes and no
+  outcome row (what it would take to write as little as django-spark).
 
 The variants run interleaved, one save each in turn, on database files in one directory
 (``benchmarks/.work`` by default, where the benchmarks' SQLite files live), with SQLite's
@@ -46,14 +49,14 @@ EVENT_RECORD_INDEXES = (
     'CREATE INDEX er_created_at ON er ("created_at")',
 )
 HANDLER_OUTCOME = (
-    'CREATE TABLE ho ("id" integer NOT NULL PRIMARY KEY AUTOINCREMENT, '
+    'CREATE TABLE ho ("id" integer NOT NULL PRIMARY KEY {autoincrement}, '
     '"handler" varchar(255) NOT NULL, "status" varchar(16) NOT NULL, '
     '"attempts" integer unsigned NOT NULL CHECK ("attempts" >= 0), "last_error" text NOT NULL, '
     '"traceback" text NOT NULL, "created_at" datetime NOT NULL, "finished_at" datetime NULL, '
     '"next_attempt_at" datetime NULL, "record_id" bigint NOT NULL REFERENCES "er" ("id") '
-    'DEFERRABLE INITIALLY DEFERRED, UNIQUE ("record_id", "handler"))',
-    'CREATE INDEX ho_due ON ho ("status", "next_attempt_at")',
+    'DEFERRABLE INITIALLY DEFERRED, UNIQUE ("record_id", "handler"))'
 )
+DUE_INDEX = 'CREATE INDEX ho_due ON ho ("status", "next_attempt_at"){condition}'
 DJANGO_SPARK = (
     'CREATE TABLE ds ("key" varchar(100) NOT NULL PRIMARY KEY, "group" varchar(50) NOT NULL, '
     '"created_at" datetime NOT NULL, "context" text NOT NULL)',
@@ -68,11 +71,18 @@ def schema(variant: str) -> list[str]:
         return []
     if variant == "django_spark":
         return list(DJANGO_SPARK)
-    lean = variant == "claim_lean"
-    statements = [EVENT_RECORD.format(autoincrement="" if lean else "AUTOINCREMENT")]
-    if not lean:
+    if variant == "claim_outcome_old":
+        autoincrement, condition = "AUTOINCREMENT", ""
+    else:
+        autoincrement, condition = "", """ WHERE NOT ("status" = 'done')"""
+    statements = [EVENT_RECORD.format(autoincrement=autoincrement)]
+    if variant != "claim_lean":
         statements += EVENT_RECORD_INDEXES
-    return statements + list(HANDLER_OUTCOME)
+    return [
+        *statements,
+        HANDLER_OUTCOME.format(autoincrement=autoincrement),
+        DUE_INDEX.format(condition=condition),
+    ]
 
 
 def event_writer(variant: str, cursor: sqlite3.Cursor) -> Callable[[int], None]:
@@ -87,7 +97,7 @@ def event_writer(variant: str, cursor: sqlite3.Cursor) -> Callable[[int], None]:
             "ON CONFLICT DO NOTHING RETURNING id",
             (f"item_created_{n}", "item_created", CONTEXT, NOW),
         ).fetchone()[0]
-        if variant == "claim_outcome":
+        if variant.startswith("claim_outcome"):
             cursor.execute(
                 "INSERT INTO ho (record_id, handler, status, attempts, last_error, traceback, "
                 "created_at, finished_at) VALUES (?, ?, 'done', 1, '', '', ?, ?)",
@@ -105,7 +115,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.directory.mkdir(exist_ok=True)
-    variants = ["plain", "django_spark", "claim", "claim_outcome", "claim_lean"]
+    variants = [
+        "plain",
+        "django_spark",
+        "claim",
+        "claim_outcome",
+        "claim_outcome_old",
+        "claim_lean",
+    ]
     connections: dict[str, sqlite3.Connection] = {}
     for variant in variants:
         path = args.directory / f"sqlite-writes-{variant}.sqlite3"
@@ -133,7 +150,7 @@ def main() -> None:
     print(f"SQLite {sqlite3.sqlite_version}, {args.saves} saves each, in {args.directory}")
     for variant in variants:
         median = statistics.median(times[variant])
-        print(f"{variant:14} {median * 1e3:6.3f} ms per save  {median / plain:5.2f}x plain")
+        print(f"{variant:18} {median * 1e3:6.3f} ms per save  {median / plain:5.2f}x plain")
     for variant, connection in connections.items():
         connection.close()
         (args.directory / f"sqlite-writes-{variant}.sqlite3").unlink()
