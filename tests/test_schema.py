@@ -55,13 +55,6 @@ def test_ids_cost_no_sequence_write(model: type[EventRecord | HandlerOutcome]) -
             assert cursor.fetchone() == ("YES",)
 
 
-def test_ids_ascend() -> None:
-    now = timezone.now()
-    first = EventRecord.objects.create(key="a", group="g", created_at=now)
-    second = EventRecord.objects.create(key="b", group="g", created_at=now)
-    assert 0 < first.pk < second.pk
-
-
 def test_due_index_leaves_out_successful_calls() -> None:
     definition = index_definition("spark_decl_due_idx")
     assert "WHERE" in definition.upper()
