@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -17,23 +17,32 @@ pytestmark = pytest.mark.django_db
 Status = HandlerOutcome.Status
 
 
-def table_sql(table: str) -> str:
+def sqlite_schema(name: str) -> str:
+    """The ``CREATE`` statement of a table or index, as SQLite keeps it."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT sql FROM sqlite_master WHERE name = %s", [table])
+        cursor.execute("SELECT sql FROM sqlite_master WHERE name = %s", [name])
         (sql,) = cursor.fetchone()
     assert isinstance(sql, str)
     return sql
 
 
 def index_definition(name: str) -> str:
+    if connection.vendor == "sqlite":
+        return sqlite_schema(name)
     with connection.cursor() as cursor:
-        if connection.vendor == "sqlite":
-            cursor.execute("SELECT sql FROM sqlite_master WHERE name = %s", [name])
-        else:
-            cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", [name])
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", [name])
         (definition,) = cursor.fetchone()
     assert isinstance(definition, str)
     return definition
+
+
+def one_call_per_status(created_at: datetime) -> None:
+    """An event with one outcome row in each status, its handlers h0, h1, ..."""
+    record = EventRecord.objects.create(key="k", group="g", created_at=created_at)
+    for number, status in enumerate(Status):
+        HandlerOutcome.objects.create(
+            record=record, handler=f"h{number}", status=status, created_at=created_at
+        )
 
 
 @pytest.mark.parametrize("model", [EventRecord, HandlerOutcome])
@@ -42,7 +51,7 @@ def test_ids_cost_no_sequence_write(model: type[EventRecord | HandlerOutcome]) -
     would pay); PostgreSQL: the identity column every BigAutoField has."""
     table = model._meta.db_table
     if connection.vendor == "sqlite":
-        sql = table_sql(table)
+        sql = sqlite_schema(table)
         assert '"id" integer NOT NULL PRIMARY KEY,' in sql
         assert "AUTOINCREMENT" not in sql
     else:
@@ -77,12 +86,7 @@ DUE_QUERIES: list[dict[str, Any]] = [
 def test_due_query_reads_the_due_index(options: dict[str, Any]) -> None:
     """SQLite uses a partial index only for a query that states its condition: the
     retry's selection must, in each alternative of its OR, or it reads every call."""
-    now = timezone.now()
-    record = EventRecord.objects.create(key="k", group="g", created_at=now)
-    for number, status in enumerate(Status):
-        HandlerOutcome.objects.create(
-            record=record, handler=f"h{number}", status=status, created_at=now
-        )
+    one_call_per_status(timezone.now())
 
     plan = due_outcomes(**options).explain()
 
@@ -92,12 +96,7 @@ def test_due_query_reads_the_due_index(options: dict[str, Any]) -> None:
 
 def test_due_query_selects_by_status() -> None:
     """The conditions the query restates for the index change nothing it selects."""
-    long_ago = timezone.now() - timedelta(days=1)
-    record = EventRecord.objects.create(key="k", group="g", created_at=long_ago)
-    for number, status in enumerate(Status):
-        HandlerOutcome.objects.create(
-            record=record, handler=f"h{number}", status=status, created_at=long_ago
-        )
+    one_call_per_status(timezone.now() - timedelta(days=1))
 
     def selected(**options: Any) -> set[str]:
         return {outcome.status for outcome in due_outcomes(**options)}
