@@ -17,23 +17,23 @@ pytestmark = pytest.mark.django_db
 Status = HandlerOutcome.Status
 
 
+def fetch_text(sql: str, name: str) -> str:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [name])
+        (text,) = cursor.fetchone()
+    assert isinstance(text, str)
+    return text
+
+
 def sqlite_schema(name: str) -> str:
     """The ``CREATE`` statement of a table or index, as SQLite keeps it."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT sql FROM sqlite_master WHERE name = %s", [name])
-        (sql,) = cursor.fetchone()
-    assert isinstance(sql, str)
-    return sql
+    return fetch_text("SELECT sql FROM sqlite_master WHERE name = %s", name)
 
 
 def index_definition(name: str) -> str:
     if connection.vendor == "sqlite":
         return sqlite_schema(name)
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", [name])
-        (definition,) = cursor.fetchone()
-    assert isinstance(definition, str)
-    return definition
+    return fetch_text("SELECT indexdef FROM pg_indexes WHERE indexname = %s", name)
 
 
 def one_call_per_status(created_at: datetime) -> None:
