@@ -20,4 +20,17 @@ class Migration(migrations.Migration):
                 ("created", models.DateField()),
             ],
         ),
+        migrations.CreateModel(
+            name="PlainItem",
+            fields=[
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100)),
+                ("created", models.DateField()),
+            ],
+        ),
     ]
