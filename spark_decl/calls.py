@@ -13,12 +13,13 @@ in the same transaction as the handler. That update is the lock that keeps two p
 from running one call, and a crash rolls it back with the handler's writes, leaving the
 call pending for ``retry_spark_events``.
 
-A call whose event was claimed in the same, still open, transaction has no row to take
-yet, and needs no lock: no other process can see the claim before it commits. Its row is
-written after it ran, with its result (``done``, or ``failed`` with the error), by one
-multi-row ``INSERT`` per segment; the calls the segment did not reach get ``pending`` rows
-then, and are taken like any recorded call by the segments that follow. Either way a
-call's row commits with the handler's writes, or rolls back with them.
+A call whose event was claimed in the same, still open, transaction has no row to take,
+and needs no lock: no other process can see the claim before it commits. The claim wrote
+it as done (``EventRecord.done_at_claim``), so a call that succeeds costs no statement at
+all. After the segment, each call that failed leaves ``done_at_claim`` for a ``failed``
+row with its error, and each call the segment did not reach for a ``pending`` row, taken
+like any recorded call by the segments that follow. Either way a call's record commits
+with the handler's writes, or rolls back with them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ from django.db import connections, transaction
 from django.db.transaction import Atomic, TransactionManagementError
 from django.utils import timezone
 
-from .claims import OUTCOME_FIELDS, OUTCOME_RETURNING, db_datetime, insert_done, insert_rows
+from .claims import (
+    OUTCOME_FIELDS,
+    OUTCOME_RETURNING,
+    db_datetime,
+    insert_rows,
+    update_done_at_claim,
+)
 from .conf import get_settings
 from .signals import handler_failed
 
@@ -44,6 +51,7 @@ if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
     from django.db.models import Field
 
+    from .claims import ClaimedEvent
     from .registry import HandlerSpec
     from .types import Event
 
@@ -155,37 +163,42 @@ class CallRunner:
         return index
 
     def record_outcomes(self, calls: Sequence[Call]) -> None:
-        """Inside the transaction that claimed their events, write the outcome rows of
-        ``calls`` (calls without a row yet): each call that ran gets its result, each other
-        call a ``pending`` row, and its ``outcome_id``, so that a later segment takes it
-        like any recorded call.
+        """Inside the transaction that claimed their events, settle ``calls`` (the calls
+        their claims wrote as done, ``done_at_claim``): a call that succeeded stays so; a
+        call that failed leaves ``done_at_claim`` for a row with its result, and a call not
+        run for a ``pending`` row, whose ``outcome_id`` it gets, so that a later segment
+        takes it like any recorded call.
 
-        Succeeded calls, the bulk of them, are written per handler by one statement that
-        binds only their events' ids (:func:`~spark_decl.claims.insert_done`).
+        All succeeded, as is usual, this writes nothing.
         """
         from .models import HandlerOutcome
 
-        now = db_datetime(self.connection, timezone.now())
-        done: dict[str, list[int]] = {}
+        now: Any = None
         failed: list[tuple[Any, ...]] = []
         pending: list[Call] = []
+        taken_back: dict[int, set[str]] = {}
         for call in calls:
             result = call.result
+            if result is SUCCEEDED:
+                continue
+            record_id = cast("int", call.record_id)
+            taken_back.setdefault(record_id, set()).add(call.spec.name)
+            if now is None:
+                now = db_datetime(self.connection, timezone.now())
             if result is None:
                 pending.append(call)
-            elif result is SUCCEEDED:
-                done.setdefault(call.spec.name, []).append(cast("int", call.record_id))
             else:
                 status, attempts, error, trace, next_attempt_at = result
-                row = (call.record_id, call.spec.name, status, attempts, error, trace)
+                row = (record_id, call.spec.name, status, attempts, error, trace)
                 failed.append((*row, now, None, next_attempt_at))
+        if not taken_back:
+            return
         new_rows = [
             (call.record_id, call.spec.name, PENDING, 0, "", "", now, None, None)
             for call in pending
         ]
         with self.connection.cursor() as cursor:
-            for handler, record_ids in done.items():
-                insert_done(cursor, record_ids, handler, now)
+            update_done_at_claim(cursor, _still_done(calls, taken_back))
             insert_rows(cursor, HandlerOutcome, OUTCOME_FIELDS, failed)
             inserted = insert_rows(
                 cursor, HandlerOutcome, OUTCOME_FIELDS, new_rows, returning=OUTCOME_RETURNING
@@ -242,6 +255,26 @@ class CallRunner:
 
 
 SUCCEEDED = (DONE, 1, "", "", None)  # a first attempt, done
+
+
+def _still_done(calls: Sequence[Call], taken_back: dict[int, set[str]]) -> dict[int, str]:
+    """``done_at_claim``'s new JSON for each event in ``taken_back``: its claim's, without
+    the handlers taken back."""
+    from .claims import done_json
+
+    still: dict[int, str] = {}
+    for call in calls:
+        record_id = cast("int", call.record_id)
+        if record_id in still or record_id not in taken_back:
+            continue
+        claim = cast("ClaimedEvent", call.event).spark_claim
+        gone = taken_back[record_id]
+        still[record_id] = done_json(
+            spec
+            for spec, outcome_id in zip(claim.handlers, claim.outcome_ids, strict=True)
+            if outcome_id is None and spec.name not in gone
+        )
+    return still
 
 
 SAVEPOINT = "SAVEPOINT spark_decl_call"

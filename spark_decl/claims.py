@@ -2,12 +2,14 @@
 
 A key is claimed by inserting it into ``EventRecord``'s unique ``key`` column with
 ``INSERT ... ON CONFLICT DO NOTHING RETURNING``: the database, not Python, decides which of
-several concurrent claimers wins, and one statement claims a whole chunk. A claim and one
-:class:`~spark_decl.models.HandlerOutcome` per matching handler always commit together, so a
-claim is never left without the record of what it owes: either both are written here (the
-outcome rows ``pending``), or, when the calls run in the claiming transaction too, the
-outcome rows are written after the calls, with their results, before that transaction
-commits (see :class:`~spark_decl.calls.CallRunner`).
+several concurrent claimers wins, and one statement claims a whole chunk. A claim and the
+record of every call it owes always commit together, so a claim is never left without it:
+either a ``pending`` :class:`~spark_decl.models.HandlerOutcome` per matching handler is
+written here, or, when the calls run in the claiming transaction too, the claim itself
+says they are done (:attr:`~spark_decl.models.EventRecord.done_at_claim`, written by the
+same ``INSERT``). That is settled before the transaction commits: a call that fails, or
+is not reached, leaves ``done_at_claim`` and gets its outcome row, with its result (see
+:meth:`~spark_decl.calls.CallRunner.record_outcomes`). A crash rolls back all of it.
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ class Claim:
     once made; ``dataclasses.replace`` makes a new one).
 
     ``outcome_ids[i]`` is the :class:`~spark_decl.models.HandlerOutcome` row of
-    ``handlers[i]``, or ``None`` while that row is not written yet: the claim was made with
-    ``run_here=True`` and the call's outcome is written with its result, in the claiming
-    transaction.
+    ``handlers[i]``, or ``None`` when it has none: the claim was made with ``run_here=True``
+    and wrote the call as done (``done_at_claim``); if the call does not succeed in the
+    claiming transaction, its row is written there with its result.
     """
 
     record_id: int
@@ -109,10 +111,11 @@ def claim_events(
     ``handlers=False`` claims the keys without owing any handler call (``--mark-only``).
 
     ``run_here=True`` is for a caller that runs the calls in the claiming transaction
-    (:func:`~spark_decl.dispatch.claim_and_dispatch` outside a transaction): no ``pending``
-    row is written for them here; :class:`~spark_decl.calls.CallRunner` writes each one
-    with its call's result before that transaction commits. Background calls, which run
-    elsewhere, get their ``pending`` rows here all the same.
+    (:func:`~spark_decl.dispatch.claim_and_dispatch` outside a transaction): they are
+    written as done in the claim (``done_at_claim``), and no row is written for them here;
+    :meth:`~spark_decl.calls.CallRunner.record_outcomes` takes back each one that did not
+    succeed before that transaction commits. Background calls, which run elsewhere, get
+    their ``pending`` rows here all the same.
 
     ``contexts`` maps keys to their contexts already converted for storage
     (:func:`~spark_decl.context.dump_context_json`), by a caller that checked them earlier.
@@ -127,13 +130,35 @@ def claim_events(
     connection = connections[using]
     check_database(connection)
     created_at = db_datetime(connection, timezone.now())
+    # Per group: the handlers owed, those whose pending rows are written here, and the
+    # others as done_at_claim's JSON.
+    routes: dict[str, _Route] = {}
+    for event in first.values():
+        group = event["group"]
+        if group not in routes:
+            owes = registry.handlers_for(group) if handlers else ()
+            written = tuple(spec for spec in owes if spec.background or not run_here)
+            routes[group] = (
+                owes,
+                written,
+                done_json(spec for spec in owes if spec not in written),
+            )
     if contexts is None:
         records = [
-            (key, event["group"], dump_context_json(event["context"], key=key), created_at)
+            (
+                key,
+                event["group"],
+                dump_context_json(event["context"], key=key),
+                created_at,
+                routes[event["group"]][2],
+            )
             for key, event in first.items()
         ]
     else:
-        records = [(key, ev["group"], contexts[key], created_at) for key, ev in first.items()]
+        records = [
+            (key, ev["group"], contexts[key], created_at, routes[ev["group"]][2])
+            for key, ev in first.items()
+        ]
     # The claims and their outcome rows are one unit. Inside a transaction an error marks
     # it for rollback, as Model.save() does (a savepoint would cost more than the
     # claim itself); outside one, they get their own.
@@ -158,18 +183,11 @@ def claim_events(
         owed: list[tuple[ClaimedEvent, int, tuple[HandlerSpec, ...]]] = []
         pending: list[tuple[Any, ...]] = []
         status = HandlerOutcome.Status.PENDING.value
-        # Per group: the handlers owed, and those whose pending rows are written here.
-        routes: dict[str, tuple[tuple[HandlerSpec, ...], tuple[HandlerSpec, ...]]] = {}
         for key, event in first.items():
             record_id = claimed.get(key)
             if record_id is None:
                 continue
-            group = event["group"]
-            route = routes.get(group)
-            if route is None:
-                owes = registry.handlers_for(group) if handlers else ()
-                written = tuple(spec for spec in owes if spec.background or not run_here)
-                route = routes[group] = (owes, written)
+            route = routes[event["group"]]
             owed.append((ClaimedEvent(event), record_id, route[0]))
             for spec in route[1]:
                 pending.append((record_id, spec.name, status, 0, "", "", created_at, None, None))
@@ -195,7 +213,19 @@ def claim_events(
     return result
 
 
-RECORD_FIELDS = ("key", "group", "context", "created_at")
+# A group's routing at claim time: the handlers owed, those with pending rows written at
+# the claim, and done_at_claim's JSON (the others).
+_Route = tuple[tuple["HandlerSpec", ...], tuple["HandlerSpec", ...], str]
+
+RECORD_FIELDS = ("key", "group", "context", "created_at", "done_at_claim")
+
+
+def done_json(specs: Iterable[HandlerSpec]) -> str:
+    """``done_at_claim``'s value for these handlers: a JSON object keyed by their names
+    (``has_key`` finds a name in it on SQLite and PostgreSQL alike)."""
+    return json.dumps(dict.fromkeys((spec.name for spec in specs), True))
+
+
 # Every HandlerOutcome row spark_decl writes (pending at a claim, or with its result after
 # the call ran) has these columns, and comes back as (id, record, handler).
 OUTCOME_FIELDS = (
@@ -213,7 +243,7 @@ OUTCOME_RETURNING = ("id", "record", "handler")
 
 
 def db_datetime(connection: BaseDatabaseWrapper, value: datetime) -> Any:
-    """An aware datetime as :func:`insert_rows` and :func:`insert_done` take it: as
+    """An aware datetime as :func:`insert_rows` takes it: as
     ``DateTimeField.get_db_prep_save`` would store it on SQLite, in ISO 8601 on PostgreSQL
     (where it travels in a JSON document, or as a parameter cast to ``timestamptz``)."""
     if connection.vendor == "postgresql":
@@ -357,38 +387,21 @@ def _insert_sql(
     return _STATEMENTS[key]
 
 
-def insert_done(cursor: CursorWrapper, record_ids: Sequence[int], handler: str, now: Any) -> None:
-    """Write a ``done`` outcome row (first attempt, finished ``now``) of ``handler`` for
-    each of ``record_ids``. Beyond a few rows, one statement binding only the ids, as one
-    JSON array, however many there are."""
-    from .models import HandlerOutcome
+def update_done_at_claim(cursor: CursorWrapper, values: Mapping[int, str]) -> None:
+    """Set ``done_at_claim`` (JSON text, from :func:`done_json`) of each event id in
+    ``values``: one prepared statement, executed once per event."""
+    from .models import EventRecord
 
-    done = HandlerOutcome.Status.DONE.value
-    if len(record_ids) * len(OUTCOME_FIELDS) <= CACHED_PARAMETERS:
-        rows = [(record, handler, done, 1, "", "", now, now, None) for record in record_ids]
-        insert_rows(cursor, HandlerOutcome, OUTCOME_FIELDS, rows)
+    if not values:
         return
-    connection = cursor.db
-    sql = _DONE_STATEMENTS.get(connection.vendor)
-    if sql is None:
-        rows_sql = _insert_sql(connection, HandlerOutcome, OUTCOME_FIELDS, None, None)
-        # The columns' placeholders (typed on PostgreSQL: an INSERT ... SELECT leaves
-        # untyped parameters text), the record's replaced by each id of the JSON array.
-        constants = rows_sql.placeholders[1:]
-        if connection.vendor == "postgresql":
-            ids, source = "json_array_elements_text(%s::json)::bigint", ""
-        else:
-            ids, source = '"value"', " FROM json_each(%s)"
-        sql = f"{rows_sql.into}SELECT {', '.join([ids, *constants])}{source}"
-        _DONE_STATEMENTS[connection.vendor] = sql
-    values = [handler, done, 1, "", "", now, now, None]
-    ids_json = json.dumps(list(record_ids))
-    cursor.execute(
-        sql, [ids_json, *values] if connection.vendor == "postgresql" else [*values, ids_json]
+    meta = EventRecord._meta
+    column = _quote(cast("Field[Any, Any]", meta.get_field("done_at_claim")).column)
+    cast_json = "::jsonb" if cursor.db.vendor == "postgresql" else ""
+    cursor.executemany(
+        f"UPDATE {_quote(meta.db_table)} SET {column} = %s{cast_json} WHERE "
+        f"{_quote(meta.pk.column)} = %s",
+        [(done, record_id) for record_id, done in values.items()],
     )
-
-
-_DONE_STATEMENTS: dict[str, str] = {}
 
 
 def _quote(name: str) -> str:

@@ -1,7 +1,8 @@
 """What is registered and what is stored: the data behind ``manage.py spark_inspect``.
 
-:func:`inspect_spark` reads the registry, the two signals' receivers and, with two aggregate
-queries, the stored groups and the handler outcomes. :meth:`Inspection.as_dict` is the
+:func:`inspect_spark` reads the registry, the two signals' receivers and, with three
+aggregate queries, the stored groups and the handler outcomes (rows, and the calls done
+when their events were claimed). :meth:`Inspection.as_dict` is the
 ``--json`` document; its keys are documented in ``docs/introspection.rst`` and only ever
 gain new ones (``version`` changes if one is removed or changes meaning).
 """
@@ -140,6 +141,18 @@ def inspect_spark(*, using: str = DEFAULT_DB_ALIAS) -> Inspection:
     )
     for name, status, calls in outcome_counts:
         outcomes.setdefault(name, dict.fromkeys(STATUSES, 0))[status] = calls
+    # Calls done in the claiming transaction are on their events: one count per distinct
+    # set of handlers (a few: one per group's routing at the time).
+    done_at_claim = (
+        EventRecord.objects.using(using)
+        .exclude(done_at_claim={})
+        .order_by()
+        .values_list("done_at_claim")
+        .annotate(events=Count("pk"))
+    )
+    for names, events in done_at_claim:
+        for name in names:
+            outcomes.setdefault(name, dict.fromkeys(STATUSES, 0))["done"] += events
     return Inspection(
         database=using,
         sources=[

@@ -1,4 +1,11 @@
-"""The database side: one row per claimed key, one row per (event, handler) call."""
+"""The database side: one row per claimed key, and what became of each handler's call.
+
+A call that succeeded at its first attempt, in the transaction that claimed its event (a
+save outside a transaction, the batch), is recorded on the event itself, in
+:attr:`EventRecord.done_at_claim`; every other call (pending, failed, given up, retried,
+background, replayed) has a :class:`HandlerOutcome` row. A handler is in one of the two
+places for an event, never both. :meth:`EventRecord.handler_statuses` reads both.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +47,12 @@ class EventRecord(models.Model):
     group = models.CharField(_("group"), max_length=255, db_index=True)
     context = models.JSONField(_("context"), default=dict, blank=True)
     created_at = models.DateTimeField(_("created at"), db_index=True)
+    #: The handlers whose call succeeded at its first attempt in the claiming transaction,
+    #: as the keys of a JSON object (values ``true``): one write with the claim instead of
+    #: an outcome row per call. Such a call finished when the event was created.
+    done_at_claim = models.JSONField(
+        _("done when claimed"), default=dict, db_default={}, blank=True
+    )
 
     outcomes: models.Manager[HandlerOutcome]
 
@@ -51,9 +64,23 @@ class EventRecord(models.Model):
     def __str__(self) -> str:
         return self.key
 
+    def handler_statuses(self) -> dict[str, str]:
+        """The status of each handler call this event has, by handler name: ``"done"``
+        for the calls in :attr:`done_at_claim`, else its :class:`HandlerOutcome`'s."""
+        statuses = dict.fromkeys(self.done_at_claim, HandlerOutcome.Status.DONE.value)
+        statuses.update(self.outcomes.order_by("pk").values_list("handler", "status"))
+        return statuses
+
+
+def done_at_claim_has(handler: str) -> Q:
+    """Events whose call of ``handler`` is recorded in :attr:`EventRecord.done_at_claim`
+    (combine it with the outcome rows' ``Exists`` to find every event it reached)."""
+    return Q(done_at_claim__has_key=handler)
+
 
 class HandlerOutcome(models.Model):
-    """What became of one handler's call for one event."""
+    """What became of one handler's call for one event (every call but a first-attempt
+    success in the claiming transaction: see :attr:`EventRecord.done_at_claim`)."""
 
     id = RowIdField(primary_key=True, serialize=False, verbose_name="ID")
 

@@ -3,9 +3,9 @@
 By default an old event keeps its row, so its key stays claimed and the event never fires
 again; only what was kept for retries and for reading is dropped: the stored context (set
 to ``{}``) and each outcome's ``last_error`` and ``traceback``. The outcome rows themselves
-stay, small as they are, because they record which handlers received the event:
-``retry_spark_events --replay-to`` relies on them to never send an event to a handler
-twice.
+stay, small as they are, as does ``done_at_claim``, because they record which handlers
+received the event: ``retry_spark_events --replay-to`` relies on them to never send an
+event to a handler twice.
 
 ``delete_keys=True`` deletes the events and their outcomes instead. Their keys are then
 unknown, and a source that still yields one of those events makes it fire again.
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 class PruneResult:
     """What :func:`prune_events` did (or, with ``dry_run``, would do).
 
-    ``events`` counts the events cleared (or deleted), ``outcomes`` their outcome rows.
+    ``events`` counts the events cleared (or deleted), ``outcomes`` their outcome rows
+    cleared, or the handler calls deleted with them (rows and ``done_at_claim`` alike).
     """
 
     cutoff: datetime
@@ -89,6 +90,8 @@ def prune_events(
             .filter(record__in=candidates.order_by().values("pk"))
             .count()
         )
+        if delete_keys:
+            result.outcomes += _done_at_claim_calls(candidates)
         return result
 
     size = chunk_size or get_settings().CHUNK_SIZE
@@ -104,7 +107,7 @@ def prune_events(
         )
         with transaction.atomic(using=using):
             if delete_keys:
-                result.outcomes += outcomes.delete()[0]
+                result.outcomes += outcomes.delete()[0] + _done_at_claim_calls(records)
                 # only("pk"): the contexts about to be deleted need not be read first.
                 deleted = records.only("pk").delete()[1]
                 result.events += deleted.get(EventRecord._meta.label, 0)
@@ -112,6 +115,12 @@ def prune_events(
                 result.outcomes += outcomes.update(last_error="", traceback="")
                 result.events += records.update(context={})
     return result
+
+
+def _done_at_claim_calls(records: QuerySet[EventRecord]) -> int:
+    """How many handler calls the events record in ``done_at_claim``."""
+    done = records.exclude(done_at_claim={}).order_by().values_list("done_at_claim", flat=True)
+    return sum(len(names) for names in done.iterator())
 
 
 def _unfinished() -> Exists:

@@ -263,8 +263,9 @@ def replay_events(handler: str, *, group: str, using: str = DEFAULT_DB_ALIAS) ->
 
     For every :class:`~spark_decl.models.EventRecord` whose group matches ``group``
     (``re.search``) *and* one of the handler's own patterns, and that has no outcome for
-    ``handler`` yet, a pending outcome row is created and run like a retry (the stored
-    context rebuilt; ``event_dispatched`` is not sent). A chunk of events at a time.
+    ``handler`` yet (no row, and not done when it was claimed), a pending outcome row is
+    created and run like a retry (the stored context rebuilt; ``event_dispatched`` is not
+    sent). A chunk of events at a time.
 
     Idempotent: every replayed event now has an outcome for the handler, so a second
     replay creates nothing; concurrent replays run each call once. Calls a crash
@@ -272,7 +273,7 @@ def replay_events(handler: str, *, group: str, using: str = DEFAULT_DB_ALIAS) ->
 
         replay_events("challenges.spark.send_challenge_mails", group=r"^challenge_")
     """
-    from .models import EventRecord, HandlerOutcome
+    from .models import EventRecord, HandlerOutcome, done_at_claim_has
 
     spec = resolve_handler(handler)
     result = ReplayResult(handler=spec.name)
@@ -282,6 +283,7 @@ def replay_events(handler: str, *, group: str, using: str = DEFAULT_DB_ALIAS) ->
         return result
     candidates = EventRecord.objects.using(using).filter(
         ~Exists(HandlerOutcome.objects.filter(record=OuterRef("pk"), handler=spec.name)),
+        ~done_at_claim_has(spec.name),
         group__in=result.groups,
     )
     for records in iterate_chunks(candidates, get_settings().CHUNK_SIZE):

@@ -11,8 +11,10 @@ from django.urls import reverse
 from pytest_django import Settings
 
 from spark_decl import Event, event, handles, only_new_events, process_events
+from spark_decl.dispatch import claim_and_dispatch
 from spark_decl.models import EventRecord
 from spark_decl.registry import Registry
+from spark_decl.validation import validate_event
 
 CHANGELIST = reverse("admin:spark_decl_eventrecord_changelist")
 
@@ -23,23 +25,30 @@ def fast_passwords(settings: Settings) -> None:
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
-@pytest.fixture
-def events(transactional_db: None, isolated_registry: Registry) -> dict[str, EventRecord]:
-    """challenge_created_1 (handled), challenge_ended_2 (one handler failed), other_3."""
+@pytest.fixture(params=["claimed_then_run", "run_at_claim"])
+def events(
+    request: pytest.FixtureRequest, transactional_db: None, isolated_registry: Registry
+) -> dict[str, EventRecord]:
+    """challenge_created_1 (handled), challenge_ended_2 (one handler failed), other_3.
+
+    Claimed and then run (every call gets an outcome row), or run in the claiming
+    transaction, as a save does (the calls that succeed are in ``done_at_claim``)."""
 
     @handles(r"^challenge_ended$")
     def explode(event: Event[Any]) -> None:
         raise RuntimeError("boom")
 
-    process_events(
-        only_new_events(
-            [
-                event("challenge_created", 1, {"note": "<b>bold</b>"}),
-                event("challenge_ended", 2),
-                event("other", 3),
-            ]
-        )
-    )
+    made = [
+        event("challenge_created", 1, {"note": "<b>bold</b>"}),
+        event("challenge_ended", 2),
+        event("other", 3),
+    ]
+    if request.param == "claimed_then_run":
+        process_events(only_new_events(made))
+        assert not EventRecord.objects.exclude(done_at_claim={}).exists()
+    else:
+        claim_and_dispatch([validate_event(candidate) for candidate in made], using="default")
+        assert EventRecord.objects.exclude(done_at_claim={}).count() == 2
     return {record.key: record for record in EventRecord.objects.all()}
 
 

@@ -17,8 +17,10 @@ from pytest_django import Settings
 
 from spark_decl import Event, event, handles, only_new_events, process_events
 from spark_decl.admin import CONTEXT_PREVIEW_CHARS, TRACEBACK_PREVIEW_CHARS
-from spark_decl.models import EventRecord, HandlerOutcome
+from spark_decl.dispatch import claim_and_dispatch
+from spark_decl.models import EventRecord, HandlerOutcome, done_at_claim_has
 from spark_decl.registry import Registry, function_name
+from spark_decl.validation import validate_event
 from tests.conftest import CHALLENGE_HANDLER
 
 CHANGELIST = reverse("admin:spark_decl_eventrecord_changelist")
@@ -44,11 +46,20 @@ class Broken:
         self.audit = ""
 
 
-@pytest.fixture
-def broken(transactional_db: None, isolated_registry: Registry) -> Broken:
+@pytest.fixture(params=["claimed_then_run", "run_at_claim"])
+def broken(
+    request: pytest.FixtureRequest, transactional_db: None, isolated_registry: Registry
+) -> Broken:
     """order_1 and order_2: mailer failed, audit done. order_3: both done (claimed while
-    mailer worked)."""
+    mailer worked). Every call with an outcome row, or, run in the claiming transaction as
+    a save's are, the calls that succeeded in ``done_at_claim``."""
     state = Broken()
+
+    def claim_and_run(events: list[Event[Any]]) -> None:
+        if request.param == "claimed_then_run":
+            process_events(only_new_events(events))
+        else:
+            claim_and_dispatch([validate_event(each) for each in events], using="default")
 
     @handles(r"^order_")
     def mailer(event: Event[Any]) -> None:
@@ -61,12 +72,21 @@ def broken(transactional_db: None, isolated_registry: Registry) -> Broken:
         pass
 
     state.mailer, state.audit = function_name(mailer), function_name(audit)
-    process_events(only_new_events([event("order_placed", 1), event("order_paid", 2)]))
+    claim_and_run([event("order_placed", 1), event("order_paid", 2)])
     state.broken = False
-    process_events(only_new_events([event("order_placed", 3)]))
+    claim_and_run([event("order_placed", 3)])
+    with_rows = HandlerOutcome.objects.order_by().values_list("record__key", flat=True).distinct()
+    assert len(with_rows) == (3 if request.param == "claimed_then_run" else 2)
     state.mailed.clear()
     state.broken = True
     return state
+
+
+def calls_of(handler: str) -> list[tuple[str, int]]:
+    """(status, attempts) of each of ``handler``'s calls, rows and ``done_at_claim`` alike."""
+    calls = list(HandlerOutcome.objects.filter(handler=handler).values_list("status", "attempts"))
+    calls += [("done", 1)] * EventRecord.objects.filter(done_at_claim_has(handler)).count()
+    return sorted(calls)
 
 
 def keys(client: Client, query: str = "", **params: str) -> list[str]:
@@ -212,9 +232,7 @@ def test_retry_failed_handlers_reruns_only_the_failed_calls_of_the_selection(
     # Not selected: untouched, even though it is due.
     assert HandlerOutcome.objects.get(record=paid, handler=broken.mailer).status == "failed"
     # The audit handler, which had succeeded, did not run again.
-    assert set(
-        HandlerOutcome.objects.filter(handler=broken.audit).values_list("attempts", flat=True)
-    ) == {1}
+    assert calls_of(broken.audit) == [("done", 1)] * 3
 
 
 def test_the_action_ignores_the_backoff_and_includes_given_up_calls(
@@ -228,9 +246,7 @@ def test_the_action_ignores_the_backoff_and_includes_given_up_calls(
     )
     response = run_action(admin_client, list(EventRecord.objects.all()))
     assert messages_of(response) == ["Retried 2 failed handler calls: 0 succeeded, 2 failed."]
-    assert sorted(
-        HandlerOutcome.objects.filter(handler=broken.mailer).values_list("status", "attempts")
-    ) == [("done", 1), ("failed", 4), ("given_up", 11)]
+    assert calls_of(broken.mailer) == [("done", 1), ("failed", 4), ("given_up", 11)]
 
 
 def test_the_action_leaves_pending_calls_to_the_command(admin_client: Client, db: None) -> None:

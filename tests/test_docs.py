@@ -756,7 +756,7 @@ def run_spark_module(path: Path) -> list[str]:
     from django.utils import timezone
 
     from challenges.models import Challenge
-    from spark_decl.models import HandlerOutcome
+    from spark_decl.models import EventRecord
     from spark_decl.registry import registry
 
     source = spark_module_source(path)
@@ -779,10 +779,11 @@ def run_spark_module(path: Path) -> list[str]:
         challenge = Challenge.objects.create(
             user=user, title="Run 100 km", end_date=timezone.localdate() + timedelta(days=30)
         )
-        outcomes = HandlerOutcome.objects.filter(record__key=f"challenge_created_{challenge.pk}")
-        got = {outcome.handler: (outcome.status, outcome.last_error) for outcome in outcomes}
-        if got != dict.fromkeys(handlers, ("done", "")):
-            return [f"{shown(path)}: saving a challenge gave {got}"]
+        record = EventRecord.objects.get(key=f"challenge_created_{challenge.pk}")
+        got = record.handler_statuses()
+        if got != dict.fromkeys(handlers, "done"):
+            errors = list(record.outcomes.values_list("handler", "last_error"))
+            return [f"{shown(path)}: saving a challenge gave {got} {errors}"]
         call_command("process_spark_sources", stdout=io.StringIO())
     return []
 

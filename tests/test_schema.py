@@ -107,3 +107,17 @@ def test_due_query_selects_by_status() -> None:
         Status.FAILED,
         Status.GIVEN_UP,
     }
+
+
+def test_an_event_inserted_without_done_at_claim_has_none() -> None:
+    """The column has a database default, so SQL that predates it (such as the migration
+    guide's copy of django-spark's keys) still inserts events."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {EventRecord._meta.db_table} "
+            '("key", "group", "context", "created_at") VALUES (%s, %s, %s, %s)',
+            ["raw_1", "raw", "{}", timezone.now()],
+        )
+    record = EventRecord.objects.get(key="raw_1")
+    assert record.done_at_claim == {}
+    assert record.handler_statuses() == {}

@@ -49,7 +49,7 @@ from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry, function_name, registry
 from spark_decl.retry import due_outcomes, retry_outcomes
 from spark_decl.sources import events_from, process_model
-from tests.conftest import clear_tables
+from tests.conftest import all_calls, clear_tables
 from tests.testapp.models import Challenge, HandlerLog
 
 # -- what the machine registers -----------------------------------------------------------
@@ -525,10 +525,7 @@ class EventSourcingMachine(RuleBasedStateMachine):
         # Every pending call ran: each is done or failed now.
         self.may_have_pending = False
         if ignore_schedule and not SWITCHES.failing:
-            self.done |= {
-                (SHORT_NAMES[handler], key)
-                for handler, key in HandlerOutcome.objects.values_list("handler", "record__key")
-            }
+            self.done |= {(SHORT_NAMES[handler], key) for key, handler in all_calls()}
 
     def run_retry(self, *args: str) -> None:
         """``retry_spark_events``; without ``--all``, check the schedule was kept."""
@@ -580,10 +577,7 @@ class EventSourcingMachine(RuleBasedStateMachine):
         assert self.must <= records, f"committed keys never claimed: {self.must - records}"
         calls = {(handler, key) for key in records for handler in handlers_of(key)}
         outcomes = Counter(
-            (SHORT_NAMES[handler], key, status)
-            for handler, key, status in HandlerOutcome.objects.values_list(
-                "handler", "record__key", "status"
-            )
+            (SHORT_NAMES[handler], key, status) for (key, handler), status in all_calls().items()
         )
         assert outcomes == Counter((handler, key, "done") for handler, key in calls)
         assert Counter(HandlerLog.objects.values_list("handler", "key")) == Counter(calls)
@@ -625,13 +619,19 @@ class EventSourcingMachine(RuleBasedStateMachine):
         assert not records & only_rolled_back, records & only_rolled_back
         assert records <= self.must | self.may, records - self.must - self.may
 
-        # One outcome per matching handler, created with the claim.
+        # One outcome per matching handler, created with the claim: a row, or the call is
+        # in done_at_claim (done at its first attempt, in the claiming transaction).
         outcomes: dict[tuple[str, str], tuple[str, int, str]] = {
-            (SHORT_NAMES[handler], key): (status, attempts, error)
-            for handler, key, status, attempts, error in HandlerOutcome.objects.values_list(
-                "handler", "record__key", "status", "attempts", "last_error"
-            )
+            (SHORT_NAMES[handler], key): ("done", 1, "")
+            for key, done in EventRecord.objects.values_list("key", "done_at_claim")
+            for handler in done
         }
+        stored = HandlerOutcome.objects.values_list(
+            "handler", "record__key", "status", "attempts", "last_error"
+        )
+        for handler, key, status, attempts, error in stored:
+            assert (SHORT_NAMES[handler], key) not in outcomes, "a row and done_at_claim"
+            outcomes[SHORT_NAMES[handler], key] = (status, attempts, error)
         assert set(outcomes) == {(h, key) for key in records for h in handlers_of(key)}
 
         # 3. A call is done exactly when its write is there: a failed or dead call left

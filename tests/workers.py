@@ -382,11 +382,13 @@ def effects() -> Counter[tuple[str, str]]:
 
 
 def outcomes() -> dict[tuple[str, str], str]:
-    """Status of each (handler, key) call, the handler named as in :data:`HANDLERS`."""
-    from spark_decl.models import HandlerOutcome
+    """Status of each (handler, key) call, the handler named as in :data:`HANDLERS`: from
+    the outcome rows and from ``done_at_claim`` (a call is in one, never both)."""
+    from tests.conftest import all_calls
 
-    rows = HandlerOutcome.objects.values_list("handler", "record__key", "status")
-    return {(handler.rsplit(".", 1)[1], key): status for handler, key, status in rows}
+    return {
+        (handler.rsplit(".", 1)[1], key): status for (key, handler), status in all_calls().items()
+    }
 
 
 def assert_consistent(handlers: Sequence[str] = HANDLERS) -> dict[tuple[str, str], str]:

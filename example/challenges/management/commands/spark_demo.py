@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from challenges.models import Challenge, Donation
 from spark_decl import Event
-from spark_decl.models import EventRecord, HandlerOutcome
+from spark_decl.models import EventRecord
 from spark_decl.signals import event_dispatched
 
 DAYS = dt.timedelta(days=1)
@@ -50,8 +50,11 @@ class Command(BaseCommand):
     ) -> None:
         """Narrate every event spark_decl dispatches (any app can connect to this signal)."""
         self.handled.append(event["key"])
-        outcomes = HandlerOutcome.objects.filter(record__key=event["key"])
-        statuses = ", ".join(f"{o.handler}: {o.status}" for o in outcomes) or "no handlers"
+        record = EventRecord.objects.get(key=event["key"])
+        statuses = (
+            ", ".join(f"{name}: {status}" for name, status in record.handler_statuses().items())
+            or "no handlers"
+        )
         self.stdout.write(
             self.style.SUCCESS(f"  -> handled {event['key']!r} once ({statuses})"), ending="\n\n"
         )
@@ -228,15 +231,19 @@ class Command(BaseCommand):
     def event_table(self) -> None:
         rows = [("key", "group", "handler", "status", "attempts")]
         for record in EventRecord.objects.order_by("pk").prefetch_related("outcomes"):
-            for outcome in record.outcomes.all():
+            # A call done at its first attempt, when the event was claimed, is recorded on
+            # the event itself; any other call has an outcome row.
+            calls = [(name, "done", 1) for name in record.done_at_claim]
+            calls += [(o.handler, o.status, o.attempts) for o in record.outcomes.all()]
+            for handler, status, attempts in calls:
                 rows.append(
                     (
                         record.key,
                         record.group,
                         # The stored name is dotted: challenges.spark.send_challenge_mails.
-                        outcome.handler.rpartition(".")[2],
-                        outcome.status,
-                        str(outcome.attempts),
+                        handler.rpartition(".")[2],
+                        status,
+                        str(attempts),
                     )
                 )
         self.table(rows)
