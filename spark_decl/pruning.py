@@ -49,6 +49,9 @@ def prunable_events(
 ) -> QuerySet[EventRecord]:
     """Events created before ``cutoff`` whose outcomes are all ``done`` (or that have none).
 
+    ``created_at`` has no index: this reads the events in id order (oldest first) and
+    filters them.
+
     Without ``delete_keys``, events with nothing left to clear are left out, so that a
     second run reports (and writes) nothing.
     """

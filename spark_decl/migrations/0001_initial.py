@@ -20,13 +20,13 @@ class Migration(migrations.Migration):
                 ('key', models.CharField(max_length=255, unique=True, verbose_name='key')),
                 ('group', models.CharField(db_index=True, max_length=255, verbose_name='group')),
                 ('context', models.JSONField(blank=True, default=dict, verbose_name='context')),
-                ('created_at', models.DateTimeField(db_index=True, verbose_name='created at')),
+                ('created_at', models.DateTimeField(verbose_name='created at')),
                 ('done_at_claim', models.JSONField(blank=True, db_default={}, default=dict, verbose_name='done when claimed')),
             ],
             options={
                 'verbose_name': 'event',
                 'verbose_name_plural': 'events',
-                'ordering': ['-created_at', '-pk'],
+                'ordering': ['-pk'],
             },
         ),
         migrations.CreateModel(
