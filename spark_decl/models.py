@@ -43,8 +43,11 @@ class EventRecord(models.Model):
     """A claimed event key. Its unique ``key`` is what makes every event happen once."""
 
     id = RowIdField(primary_key=True, serialize=False, verbose_name="ID")
-    key = models.CharField(_("key"), max_length=255, unique=True)
-    group = models.CharField(_("group"), max_length=255, db_index=True)
+    # Unique and indexed through Meta rather than the fields' unique=True and db_index=True,
+    # which on PostgreSQL also make a varchar_pattern_ops ("_like") index each: no query
+    # here reads them (LIKE 'prefix%'), and every claim would write both.
+    key = models.CharField(_("key"), max_length=255)
+    group = models.CharField(_("group"), max_length=255)
     context = models.JSONField(_("context"), default=dict, blank=True)
     # Not indexed: ids ascend with creation, so "newest first" is "-pk", and an index here
     # would be one more write per claim for reads that are rare (prune, the admin's filter).
@@ -62,6 +65,14 @@ class EventRecord(models.Model):
         verbose_name = _("event")
         verbose_name_plural = _("events")
         ordering: ClassVar[list[str]] = ["-pk"]
+        constraints: ClassVar[list[models.BaseConstraint]] = [
+            # What makes a key claimed once: the claim's INSERT ... ON CONFLICT ("key").
+            models.UniqueConstraint(fields=["key"], name="spark_decl_unique_key"),
+        ]
+        indexes: ClassVar[list[models.Index]] = [
+            # retry --group, replay and the admin's group filter.
+            models.Index(fields=["group"], name="spark_decl_group_idx"),
+        ]
 
     def __str__(self) -> str:
         return self.key

@@ -17,8 +17,8 @@ class Migration(migrations.Migration):
             name='EventRecord',
             fields=[
                 ('id', spark_decl.models.RowIdField(primary_key=True, serialize=False, verbose_name='ID')),
-                ('key', models.CharField(max_length=255, unique=True, verbose_name='key')),
-                ('group', models.CharField(db_index=True, max_length=255, verbose_name='group')),
+                ('key', models.CharField(max_length=255, verbose_name='key')),
+                ('group', models.CharField(max_length=255, verbose_name='group')),
                 ('context', models.JSONField(blank=True, default=dict, verbose_name='context')),
                 ('created_at', models.DateTimeField(verbose_name='created at')),
                 ('done_at_claim', models.JSONField(blank=True, db_default={}, default=dict, verbose_name='done when claimed')),
@@ -27,6 +27,8 @@ class Migration(migrations.Migration):
                 'verbose_name': 'event',
                 'verbose_name_plural': 'events',
                 'ordering': ['-pk'],
+                'indexes': [models.Index(fields=['group'], name='spark_decl_group_idx')],
+                'constraints': [models.UniqueConstraint(fields=('key',), name='spark_decl_unique_key')],
             },
         ),
         migrations.CreateModel(
