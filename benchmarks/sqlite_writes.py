@@ -6,15 +6,16 @@ in autocommit mode), then one transaction writes what a package writes for its e
 
 * ``plain``: nothing (the reference);
 * ``django_spark``: one row of django-spark 0.3.0's table (``key`` primary key, ``group``
-  index);
-* ``claim``: one ``EventRecord`` row as spark_decl's migration creates it (rowid ``id``,
-  unique ``key``, ``group`` and ``created_at`` indexes);
-* ``claim_outcome``: that and the call's ``HandlerOutcome`` row (what spark_decl writes; the
-  partial index of unfinished calls gets no entry for it);
-* ``claim_outcome_old``: the same rows in the tables as they were before ``0001_initial``
-  was revised (``AUTOINCREMENT`` ids, the due index over every call);
-* ``claim_lean``: an ``EventRecord`` without the ``group`` and ``created_at`` indexes and no
-  outcome row (what it would take to write as little as django-spark).
+  index): three b-trees;
+* ``claim_done``: one ``EventRecord`` row as spark_decl's migration creates it (rowid ``id``,
+  unique ``key``, ``group`` index, the call recorded in its ``done_at_claim``): what
+  spark_decl writes, in three b-trees too;
+* ``claim_no_group``: the same without the ``group`` index (what writing less than
+  django-spark would take);
+* ``claim_outcome``: the rows as spark_decl wrote them before ``done_at_claim`` (the claim,
+  with a ``created_at`` index too, and the call's ``HandlerOutcome`` row);
+* ``claim_outcome_old``: those rows in the tables as they were before ``0001_initial`` was
+  revised for the ids (``AUTOINCREMENT`` ids, the due index over every call).
 
 The variants run interleaved, one save each in turn, on database files in one directory
 (``benchmarks/.work`` by default, where the benchmarks' SQLite files live), with SQLite's
@@ -42,12 +43,14 @@ EVENT_RECORD = (
     'CREATE TABLE er ("id" integer NOT NULL PRIMARY KEY {autoincrement}, '
     '"key" varchar(255) NOT NULL UNIQUE, "group" varchar(255) NOT NULL, '
     '"context" text NOT NULL CHECK ((JSON_VALID("context") OR "context" IS NULL)), '
-    '"created_at" datetime NOT NULL)'
+    '"created_at" datetime NOT NULL{done_at_claim})'
 )
-EVENT_RECORD_INDEXES = (
-    'CREATE INDEX er_group ON er ("group")',
-    'CREATE INDEX er_created_at ON er ("created_at")',
+DONE_AT_CLAIM = (
+    ", \"done_at_claim\" text DEFAULT '{}' NOT NULL "
+    'CHECK ((JSON_VALID("done_at_claim") OR "done_at_claim" IS NULL))'
 )
+GROUP_INDEX = 'CREATE INDEX er_group ON er ("group")'
+CREATED_AT_INDEX = 'CREATE INDEX er_created_at ON er ("created_at")'
 HANDLER_OUTCOME = (
     'CREATE TABLE ho ("id" integer NOT NULL PRIMARY KEY {autoincrement}, '
     '"handler" varchar(255) NOT NULL, "status" varchar(16) NOT NULL, '
@@ -64,6 +67,7 @@ DJANGO_SPARK = (
 )
 CONTEXT = '{"item": {"__spark__": "model", "model": "benchapp.item", "pk": 1}}'
 NOW = "2026-11-27 10:00:00.123456"
+DONE = '{"benchmarks.benchapp.workload.noop_handler": true}'
 
 
 def schema(variant: str) -> list[str]:
@@ -75,9 +79,13 @@ def schema(variant: str) -> list[str]:
         autoincrement, condition = "AUTOINCREMENT", ""
     else:
         autoincrement, condition = "", """ WHERE NOT ("status" = 'done')"""
-    statements = [EVENT_RECORD.format(autoincrement=autoincrement)]
-    if variant != "claim_lean":
-        statements += EVENT_RECORD_INDEXES
+    if variant.startswith("claim_outcome"):
+        record = EVENT_RECORD.format(autoincrement=autoincrement, done_at_claim="")
+        statements = [record, GROUP_INDEX, CREATED_AT_INDEX]
+    else:
+        statements = [EVENT_RECORD.format(autoincrement="", done_at_claim=DONE_AT_CLAIM)]
+        if variant == "claim_done":
+            statements.append(GROUP_INDEX)
     return [
         *statements,
         HANDLER_OUTCOME.format(autoincrement=autoincrement),
@@ -91,20 +99,28 @@ def event_writer(variant: str, cursor: sqlite3.Cursor) -> Callable[[int], None]:
             "INSERT INTO ds VALUES (?, ?, ?, ?)", (f"item_created_{n}", "item_created", NOW, "{}")
         )
 
-    def claim(n: int) -> None:
+    def claim_done(n: int) -> None:
+        cursor.execute(
+            'INSERT INTO er ("key", "group", "context", "created_at", "done_at_claim") '
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+            (f"item_created_{n}", "item_created", CONTEXT, NOW, DONE),
+        ).fetchone()
+
+    def claim_outcome(n: int) -> None:
         record_id = cursor.execute(
             'INSERT INTO er ("key", "group", "context", "created_at") VALUES (?, ?, ?, ?) '
             "ON CONFLICT DO NOTHING RETURNING id",
             (f"item_created_{n}", "item_created", CONTEXT, NOW),
         ).fetchone()[0]
-        if variant.startswith("claim_outcome"):
-            cursor.execute(
-                "INSERT INTO ho (record_id, handler, status, attempts, last_error, traceback, "
-                "created_at, finished_at) VALUES (?, ?, 'done', 1, '', '', ?, ?)",
-                (record_id, "benchapp.workload.noop", NOW, NOW),
-            )
+        cursor.execute(
+            "INSERT INTO ho (record_id, handler, status, attempts, last_error, traceback, "
+            "created_at, finished_at) VALUES (?, ?, 'done', 1, '', '', ?, ?)",
+            (record_id, "benchapp.workload.noop", NOW, NOW),
+        )
 
-    return django_spark if variant == "django_spark" else claim
+    if variant == "django_spark":
+        return django_spark
+    return claim_outcome if variant.startswith("claim_outcome") else claim_done
 
 
 def main() -> None:
@@ -118,10 +134,10 @@ def main() -> None:
     variants = [
         "plain",
         "django_spark",
-        "claim",
+        "claim_done",
+        "claim_no_group",
         "claim_outcome",
         "claim_outcome_old",
-        "claim_lean",
     ]
     connections: dict[str, sqlite3.Connection] = {}
     for variant in variants:

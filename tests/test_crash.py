@@ -76,13 +76,14 @@ KILL_POINTS = {
         (3 * CHUNK, 3 * CHUNK),
         (2 * CALLS_PER_CHUNK + 1, 2 * CALLS_PER_CHUNK + 1),
     ),
-    # Chunk 2's keys are inserted, their pending outcome rows not yet.
-    "between_claims_and_their_outcome_rows": KillPoint(
+    # Chunk 2's keys are inserted (each call written done, in done_at_claim), and none of
+    # its calls has run.
+    "between_claims_and_their_calls": KillPoint(
         "claimed:3", SHARED_TRANSACTIONS, (2 * CHUNK, 2 * CHUNK), (2 * CALLS_PER_CHUNK,) * 2
     ),
     # Call 5 of chunk 2 is marked done (uncommitted) and its handler has not run yet. (A
-    # chunk's first call has no row to take: it runs in its claim's transaction, and its
-    # row is written there with its result.)
+    # chunk's first call has no row to take: it runs in its claim's transaction, and
+    # stays in done_at_claim, as it succeeds.)
     "after_a_call_is_taken_before_its_handler_runs": KillPoint(
         f"taken:{2 * (CALLS_PER_CHUNK - 1) + 4}",
         EACH_CALL_COMMITS,
