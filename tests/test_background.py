@@ -31,6 +31,7 @@ from spark_decl.exceptions import BackgroundUnavailable, InvalidContext, Unknown
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry, function_name
 from spark_decl.signals import handler_failed
+from tests.conftest import CHALLENGE_HANDLER
 from tests.testapp.models import Challenge, HandlerLog
 
 TASKS_PACKAGE = "django.tasks" if django.VERSION >= (6, 0) else "django_tasks"
@@ -133,8 +134,12 @@ def test_a_call_is_enqueued_as_json_naming_handler_and_key(dummy: DummyBackend) 
     # Nothing ran in the saving process; the call is owed.
     assert welcomed() == []
     assert outcome(key).status == "pending"
-    # The in-process handler of the test app ran as usual.
+    # The in-process handler of the test app ran as usual, in the claiming transaction:
+    # it is done on the event, while the background call has its pending row.
     assert HandlerLog.objects.filter(handler="log_challenge_event", key=key).count() == 1
+    record = EventRecord.objects.get(key=key)
+    assert record.done_at_claim == {CHALLENGE_HANDLER: True}
+    assert record.handler_statuses() == {CHALLENGE_HANDLER: "done", WELCOME: "pending"}
 
     assert run(result) == "done"
     assert welcomed() == [(key, "Run")]
