@@ -4,8 +4,10 @@ Model instances are stored as references (app label, model name, primary key) an
 again when the context is rebuilt. JSON scalars, lists, tuples (rebuilt as lists),
 string-keyed dicts, ``date``, ``datetime``, ``time``, ``timedelta``, ``Decimal`` and ``UUID``
 round-trip to equal values of the same type. Anything else is refused with
-:class:`~spark_decl.exceptions.InvalidContext` when the event is claimed, and so are strings
-containing NUL (PostgreSQL's jsonb cannot store them). No pickle.
+:class:`~spark_decl.exceptions.InvalidContext` when the event is claimed, and so is what
+one of the supported databases, or a later reader, could not take: strings containing NUL
+or a lone surrogate, ints of more than 4300 digits, nesting more than :data:`MAX_DEPTH`
+levels deep, and contexts of more than :data:`MAX_CONTEXT_BYTES` of JSON. No pickle.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 import uuid
 from collections.abc import Mapping
 from decimal import Decimal
@@ -29,10 +32,32 @@ TAG = "__spark__"
 # SQLite would store it, but PostgreSQL's jsonb cannot: refused on every database alike.
 NUL = "\x00"
 NUL_REASON = "PostgreSQL cannot store NUL (\\x00) in JSON."
+# Likewise a lone surrogate (what os.fsdecode() makes of bytes that are not UTF-8): it has
+# no UTF-8 encoding, so PostgreSQL refuses it.
+SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE_REASON = (
+    "It has no UTF-8 encoding, so PostgreSQL cannot store it; decode bytes with "
+    "errors='replace' (or store them base64-encoded)."
+)
+#: Containers nested deeper than this are refused: every reader of the stored JSON recurses
+#: per level, and a context a retry cannot rebuild would never run.
+MAX_DEPTH = 100
+#: Ints beyond Python's default int/str conversion limit (4300 digits) are refused:
+#: ``json.dumps`` and every reader would fail on them.
+MAX_INT_DIGITS = 4300
+_INT_BOUND = 10**MAX_INT_DIGITS
+#: The most JSON text one context may take (it is ASCII, so bytes and characters agree):
+#: far above anything a context of references and values needs, far below what a database
+#: takes in one value, so a claim statement can always hold it.
+MAX_CONTEXT_BYTES = 64 * 1024 * 1024
+#: The most stored context text handled at once: in one claim statement (PostgreSQL takes
+#: at most 1 GB in one), or loaded at once by a retry. One larger context goes alone.
+BATCH_BYTES = 16 * 1024 * 1024
 
 
 class ContextUnavailable(SparkError):
-    """A stored context refers to something that no longer exists (a deleted row)."""
+    """A stored context cannot be rebuilt: it refers to something that no longer exists (a
+    deleted row, a model no longer installed), or holds what no reader can take."""
 
 
 def dump_context(value: object, *, key: str) -> Any:
@@ -51,14 +76,16 @@ def dump_context_json(value: object, *, key: str) -> str:
     if type(value) is dict:
         parts: list[str] = []
         for item_key, item in value.items():
-            if type(item_key) is not str or NUL in item_key or item_key == TAG:
+            if type(item_key) is not str or item_key == TAG or not _plain(item_key):
                 break
             kind = type(item)
             if kind is str:
-                if NUL in item:
+                if not _plain(item):
                     break
                 text = _escape(item)
             elif kind is int:
+                if not -_INT_BOUND < item < _INT_BOUND:
+                    break
                 text = int.__repr__(item)
             elif kind is bool:
                 text = "true" if item else "false"
@@ -66,9 +93,9 @@ def dump_context_json(value: object, *, key: str) -> str:
                 text = "null"
             elif isinstance(item, Model):
                 pk = item.pk
-                if type(pk) is int:
+                if type(pk) is int and -_INT_BOUND < pk < _INT_BOUND:
                     pk_text = int.__repr__(pk)
-                elif type(pk) is str and NUL not in pk:
+                elif type(pk) is str and _plain(pk):
                     pk_text = _escape(pk)
                 else:
                     break
@@ -83,8 +110,8 @@ def dump_context_json(value: object, *, key: str) -> str:
                 break
             parts.append(f"{_escape(item_key)}: {text}")
         else:
-            return "{" + ", ".join(parts) + "}"
-    return json.dumps(_dump(value, (), key))
+            return _bounded("{" + ", ".join(parts) + "}", key)
+    return _bounded(json.dumps(_dump(value, (), key)), key)
 
 
 _escape = json.encoder.encode_basestring_ascii  # what json.dumps uses for str
@@ -92,21 +119,53 @@ _escape = json.encoder.encode_basestring_ascii  # what json.dumps uses for str
 _MODEL_HEADS: dict[type[Model], str] = {}
 
 
+def _plain(text: str) -> bool:
+    """Whether ``text`` has neither NUL nor a lone surrogate (ASCII, the usual case, is
+    settled by one fast check)."""
+    return NUL not in text and (text.isascii() or SURROGATE.search(text) is None)
+
+
+def _bounded(text: str, key: str) -> str:
+    if len(text) > MAX_CONTEXT_BYTES:
+        raise InvalidContext(
+            f"Event {key!r}: the context is {len(text):,} bytes of JSON; the maximum is "
+            f"{MAX_CONTEXT_BYTES:,}. Store references (model instances), not the data."
+        )
+    return text
+
+
 def _where(path: tuple[str | int, ...]) -> str:
-    return "context" + "".join(f"[{part!r}]" for part in path)
+    parts = [f"[{part!r}]" for part in path]
+    if len(parts) > 8:  # a path MAX_DEPTH long would drown the message
+        parts[5:-2] = [f"...({len(parts) - 7} more)..."]
+    return "context" + "".join(parts)
+
+
+def _check_str(text: str, path: tuple[str | int, ...], key: str, what: str) -> None:
+    if NUL in text:
+        raise InvalidContext(f"Event {key!r}: {_where(path)} {what} a NUL character. {NUL_REASON}")
+    if not text.isascii() and (found := SURROGATE.search(text)) is not None:
+        raise InvalidContext(
+            f"Event {key!r}: {_where(path)} {what} a lone surrogate ({found.group()!r} at "
+            f"index {found.start()}). {SURROGATE_REASON}"
+        )
 
 
 def _dump(value: object, path: tuple[str | int, ...], key: str) -> Any:
     # The path is only formatted when something is wrong: this runs for every event.
     kind = type(value)
-    if kind is int or kind is bool or value is None:
+    if kind is bool or value is None:
         return value
-    if kind is str:
-        if NUL in value:  # type: ignore[operator]  # pyright: ignore[reportOperatorIssue]
+    if isinstance(value, int):  # bool is settled above
+        if not -_INT_BOUND < value < _INT_BOUND:
             raise InvalidContext(
-                f"Event {key!r}: {_where(path)} contains a NUL character. {NUL_REASON}"
+                f"Event {key!r}: {_where(path)} is an int of more than {MAX_INT_DIGITS} "
+                "digits, which JSON readers refuse; store it as a str."
             )
         return value
+    if isinstance(value, str):
+        _check_str(value, path, key, "contains")
+        return value if kind is str else str(value)
     if isinstance(value, Model):
         if value.pk is None:
             raise InvalidContext(
@@ -114,6 +173,11 @@ def _dump(value: object, path: tuple[str | int, ...], key: str) -> Any:
                 "only saved instances can be stored as references."
             )
         return {TAG: "model", "model": value._meta.label_lower, "pk": _dump(value.pk, path, key)}
+    if isinstance(value, Mapping | list | tuple) and len(path) >= MAX_DEPTH:
+        raise InvalidContext(
+            f"Event {key!r}: {_where(path)} is nested more than {MAX_DEPTH} levels deep; "
+            "readers of the stored context could not rebuild it."
+        )
     if isinstance(value, Mapping):
         items: dict[str, Any] = {}
         for item_key, item in value.items():
@@ -124,17 +188,9 @@ def _dump(value: object, path: tuple[str | int, ...], key: str) -> Any:
                         "only str keys can be stored."
                     )
                 item_key = str(item_key)
-            if NUL in item_key:
-                raise InvalidContext(
-                    f"Event {key!r}: {_where(path)} has the key {item_key!r}, which contains "
-                    f"a NUL character. {NUL_REASON}"
-                )
+            _check_str(item_key, path, key, f"has the key {item_key!r}, which contains")
             items[item_key] = _dump(item, (*path, item_key), key)
         return {TAG: "dict", "value": items} if TAG in items else items
-    if isinstance(value, bool | int):
-        return value
-    if isinstance(value, str):
-        return _dump(str(value), path, key)
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidContext(
@@ -161,6 +217,23 @@ def _dump(value: object, path: tuple[str | int, ...], key: str) -> Any:
         "which cannot be stored. Use model instances, JSON values, date/time values, "
         "Decimal or UUID."
     )
+
+
+def load_stored_context(text: str) -> Any:
+    """Rebuild a context from the JSON text it is stored as (see :func:`load_context`).
+
+    Whatever stops that is :class:`ContextUnavailable`, so that a reader can fail the one
+    call it was rebuilding for and go on: rows may hold what no validation refused when
+    they were written (JSON nested deeper than Python's recursion limit, say).
+    """
+    try:
+        return load_context(json.loads(text))
+    except ContextUnavailable:
+        raise
+    except Exception as exc:
+        raise ContextUnavailable(
+            f"The stored context cannot be rebuilt: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def load_context(data: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
+from .context import SURROGATE
 from .exceptions import InvalidEvent
 from .types import Event
 
@@ -43,6 +44,12 @@ def validate_event(candidate: object, *, source: str | None = None) -> Event[Any
             raise InvalidEvent(
                 f"Invalid event{origin}: {field!r} contains a NUL character: {_short(value)}."
             )
+        if not value.isascii() and (found := SURROGATE.search(value)) is not None:
+            # Likewise: it has no UTF-8 encoding (os.fsdecode() makes them of bad bytes).
+            raise InvalidEvent(
+                f"Invalid event{origin}: {field!r} contains a lone surrogate "
+                f"({found.group()!r} at index {found.start()}): {_short(value)}."
+            )
         if len(value) > MAX_LENGTH:
             raise InvalidEvent(
                 f"Invalid event{origin}: {field!r} is {len(value)} characters long, "
@@ -65,6 +72,8 @@ def _is_valid(candidate: dict[Any, Any]) -> bool:
         and 0 < len(group) <= MAX_LENGTH
         and "\x00" not in key
         and "\x00" not in group
+        and (key.isascii() or SURROGATE.search(key) is None)
+        and (group.isascii() or SURROGATE.search(group) is None)
         and candidate.get("context") is not None
     )
 

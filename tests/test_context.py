@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from spark_decl import event, only_new_events
 from spark_decl.context import (
+    MAX_CONTEXT_BYTES,
+    MAX_DEPTH,
     TAG,
     ContextUnavailable,
     _dump,
@@ -167,6 +169,14 @@ class Opaque:
         # PostgreSQL's jsonb cannot store NUL; it is refused on every database alike.
         ({"text": ["ok", "a\x00b"]}, "context['text'][1]", "NUL"),
         ({"a\x00": 1}, "context", "NUL"),
+        # A lone surrogate (what os.fsdecode() makes of bytes that are not UTF-8) cannot be
+        # encoded as UTF-8: PostgreSQL refuses it, SQLite would store it. Refused everywhere.
+        ({"file": "report_\udcff.txt"}, "context['file']", "surrogate"),
+        ({"files": ["ok", "\ud800"]}, "context['files'][1]", "surrogate"),
+        ({"x\udcff": 1}, "context", "surrogate"),
+        # json.dumps() and every reader refuse ints beyond Python's int/str limit.
+        ({"big": 10**5000}, "context['big']", "4300 digits"),
+        ({"big": [-(10**4300)]}, "context['big'][0]", "4300 digits"),
     ],
 )
 def test_unstorable_values_raise_invalid_context_naming_event_and_place(
@@ -178,6 +188,57 @@ def test_unstorable_values_raise_invalid_context_naming_event_and_place(
     assert isinstance(excinfo.value, ValueError)
     assert message.startswith(f"Event 'challenge_created_1': {where} ")
     assert what in message
+
+
+def nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = {"child": [value]}
+    return value
+
+
+def test_a_context_nested_beyond_the_limit_is_refused_at_the_level_that_exceeds_it() -> None:
+    dump_context(nested(MAX_DEPTH // 2), key="k")  # a dict and a list per step
+    with pytest.raises(InvalidContext) as excinfo:
+        dump_context_json({"tree": nested(1000)}, key="deep_1")
+    message = str(excinfo.value)
+    assert message.startswith("Event 'deep_1': context['tree']['child'][0]")
+    assert f"nested more than {MAX_DEPTH} levels deep" in message
+
+
+def test_a_context_that_contains_itself_is_refused_not_a_recursion_error() -> None:
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(InvalidContext, match="nested more than"):
+        dump_context_json({"loop": loop}, key="k")
+
+
+def test_an_int_at_the_limit_is_stored_and_read_back() -> None:
+    largest = 10**4300 - 1
+    assert_same(round_trip({"n": largest, "m": -largest}), {"n": largest, "m": -largest})
+
+
+def test_a_context_larger_than_the_limit_is_refused_naming_its_size() -> None:
+    dump_context_json({"blob": "x" * (MAX_CONTEXT_BYTES - 20)}, key="k")
+    with pytest.raises(InvalidContext) as excinfo:
+        dump_context_json({"blob": "x" * MAX_CONTEXT_BYTES}, key="big_1")
+    message = str(excinfo.value)
+    assert message.startswith("Event 'big_1': the context is ")
+    assert f"{MAX_CONTEXT_BYTES:,}" in message
+
+
+@pytest.mark.parametrize(
+    "context",
+    [{"file": "\udcff"}, {"tree": nested(1000)}, {"big": 10**5000}],
+    ids=["surrogate", "deep", "big-int"],
+)
+@pytest.mark.django_db(transaction=True)
+def test_an_unstorable_context_is_refused_before_the_claim_on_every_database(
+    context: dict[str, object],
+) -> None:
+    with pytest.raises(InvalidContext, match="Event 'bad_1': context"):
+        list(only_new_events([event("bad", 1, context)]))
+    assert not EventRecord.objects.exists()
 
 
 json_scalars = (
@@ -221,13 +282,16 @@ def test_storable_contexts_round_trip(value: object) -> None:
 
 # The flat contexts most sources build take a fast path to JSON text when claimed; it must
 # agree with the general conversion, text for text and error for error.
-flat_keys = st.one_of(st.sampled_from(["challenge", TAG, "a\x00b"]), st.text(max_size=5))
+flat_keys = st.one_of(
+    st.sampled_from(["challenge", TAG, "a\x00b", "\udcff", "é"]), st.text(max_size=5)
+)
 flat_values = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(),
     st.text(max_size=5),
-    st.sampled_from(["\x00", "x\x00"]),
+    st.sampled_from(["\x00", "x\x00", "\udcff", "é\ud800", "é"]),
+    st.sampled_from([10**4300 - 1, 10**4300, -(10**4301)]),
     st.builds(lambda pk: Challenge(pk=pk, title="t"), st.one_of(st.none(), st.integers(1, 9))),
     st.builds(lambda pk: Donation(pk=pk), st.sampled_from([None, 3])),
     st.floats(allow_nan=True),

@@ -42,6 +42,10 @@ BAD_EVENTS: list[tuple[object, tuple[str, ...]]] = [
     # PostgreSQL cannot store NUL; it is refused on every database alike.
     ({"group": "g", "key": "k\x00"}, ("'key'", "NUL")),
     ({"group": "g\x00", "key": "k"}, ("'group'", "NUL")),
+    # A lone surrogate (os.fsdecode() of bytes that are not UTF-8) cannot be encoded as
+    # UTF-8: PostgreSQL refuses it, SQLite would store it. Refused everywhere.
+    ({"group": "g", "key": "report_\udcff.txt"}, ("'key'", "surrogate", "\\udcff")),
+    ({"group": "g\ud800", "key": "k"}, ("'group'", "surrogate", "\\ud800")),
 ]
 BAD_IDS = [
     "list",
@@ -57,6 +61,8 @@ BAD_IDS = [
     "long-group",
     "nul-key",
     "nul-group",
+    "surrogate-key",
+    "surrogate-group",
 ]
 
 
