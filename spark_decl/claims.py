@@ -25,7 +25,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.utils import timezone
 
 from .conf import get_settings
-from .context import dump_context_json
+from .context import BATCH_BYTES, dump_context_json
 from .exceptions import UnsupportedDatabase
 from .registry import registry
 from .validation import validate_event
@@ -168,16 +168,18 @@ def claim_events(
         else transaction.atomic(using=using)
     )
     with unit, connection.cursor() as cursor:
-        claimed: dict[str, int] = dict(
-            insert_rows(
-                cursor,
-                EventRecord,
-                RECORD_FIELDS,
-                records,
-                returning=("key", "id"),
-                skip_conflicts_on="key",
+        claimed: dict[str, int] = {}
+        for statement in _by_context_bytes(records):
+            claimed.update(
+                insert_rows(
+                    cursor,
+                    EventRecord,
+                    RECORD_FIELDS,
+                    statement,
+                    returning=("key", "id"),
+                    skip_conflicts_on="key",
+                )
             )
-        )
         if not claimed:
             return []
         owed: list[tuple[ClaimedEvent, int, tuple[HandlerSpec, ...]]] = []
@@ -211,6 +213,24 @@ def claim_events(
         claimed_event.spark_claim = Claim(record_id, using, owes, ids)
         result.append(cast("Event[Any]", claimed_event))
     return result
+
+
+def _by_context_bytes(records: list[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
+    """``records`` in runs whose contexts (JSON text, the third column) total at most
+    :data:`~spark_decl.context.BATCH_BYTES`: a chunk of large contexts would otherwise
+    exceed what PostgreSQL takes in one statement, on every run."""
+    if sum(len(record[2]) for record in records) <= BATCH_BYTES:
+        yield records
+        return
+    run: list[tuple[Any, ...]] = []
+    size = 0
+    for record in records:
+        if run and size + len(record[2]) > BATCH_BYTES:
+            yield run
+            run, size = [], 0
+        run.append(record)
+        size += len(record[2])
+    yield run
 
 
 # A group's routing at claim time: the handlers owed, those with pending rows written at

@@ -29,24 +29,32 @@ if TYPE_CHECKING:
 logger = logging.getLogger("spark_decl")
 
 
-def events_from(instance: Model, sources: Iterable[SourceSpec]) -> list[Event[Any]]:
-    """Run ``instance`` through ``sources`` and return the validated events.
+def events_by_source(
+    instance: Model, sources: Iterable[SourceSpec]
+) -> list[tuple[SourceSpec, list[Event[Any]]]]:
+    """Run ``instance`` through ``sources``; return each source that produced events, with
+    its validated events.
 
     An exception from a source carries the source as ``exc.spark_source``.
     """
-    events: list[Event[Any]] = []
-    append = events.append  # this runs for every row of a batch
+    produced: list[tuple[SourceSpec, list[Event[Any]]]] = []
     for spec in sources:
         try:
-            produced = spec.function(instance)
-            if produced is None:
+            candidates = spec.function(instance)
+            if candidates is None:
                 continue
-            for candidate in produced:
-                append(validate_event(candidate, source=spec.name))
+            events = [validate_event(candidate, source=spec.name) for candidate in candidates]
         except Exception as exc:
             exc.spark_source = spec  # type: ignore[attr-defined]  # pyright: ignore[reportAttributeAccessIssue]
             raise
-    return events
+        if events:
+            produced.append((spec, events))
+    return produced
+
+
+def events_from(instance: Model, sources: Iterable[SourceSpec]) -> list[Event[Any]]:
+    """Run ``instance`` through ``sources`` and return the validated events."""
+    return [event for _, events in events_by_source(instance, sources) for event in events]
 
 
 def on_post_save(
@@ -171,9 +179,11 @@ def process_queryset(
     each chunk's events are claimed with a few statements. Inside a transaction the
     handlers run after it commits.
 
-    A source that raises (including :class:`~spark_decl.exceptions.InvalidEvent`) stops
-    the run, unless ``on_source_error`` is given: then it is called with the instance, the
-    source and the exception, that instance's events are skipped, and the run goes on.
+    A source that raises (including :class:`~spark_decl.exceptions.InvalidEvent`), or
+    whose event's context cannot be stored (:class:`~spark_decl.exceptions.InvalidContext`),
+    stops the run before that chunk is claimed, unless ``on_source_error`` is given: then
+    it is called with the instance, the source and the exception, none of that instance's
+    events is claimed, and the rest of the chunk and the run go on.
     ``on_chunk`` is called with the running totals after each chunk.
 
     ``should_stop`` is asked after each chunk, once its handlers have run and their
@@ -188,57 +198,104 @@ def process_queryset(
     if not sources:
         return result
 
-    def unseen(events: list[Event[Any]]) -> list[Event[Any]]:
-        seen = seen_keys([event["key"] for event in events], using=using)
-        return [event for event in events if event["key"] not in seen]
-
-    def claim(events: list[Event[Any]]) -> int:
-        """Claim (or, dry, count) ``events`` and run their handlers; how many were new."""
-        if mode is Mode.DRY_RUN:
-            for event in events:
-                dump_context_json(event["context"], key=event["key"])  # what a claim refuses
-            return len({event["key"] for event in events})
-        if mode is Mode.MARK_ONLY:
-            return len(claim_events(events, using=using, handlers=False))
-        new, dispatched = claim_and_dispatch(events, using=using)
-        result.dispatch += dispatched
-        return new
+    def skip(instance: Model, source: SourceSpec, exc: Exception) -> None:
+        if on_source_error is None:
+            raise exc
+        result.source_errors += 1
+        on_source_error(instance, source, exc)
 
     read_first = True  # cron's usual run finds most keys seen
     for rows in iterate_chunks(queryset, size):
-        events: list[Event[Any]] = []
+        produced: list[_Produced] = []
         for row in rows:
             try:
-                events.extend(events_from(row, sources))
+                produced.append((row, events_by_source(row, sources)))
             except Exception as exc:
-                if on_source_error is None:
-                    raise
-                result.source_errors += 1
-                on_source_error(row, _failing_source(exc, sources), exc)
-        result.rows += len(rows)
-        result.events += len(events)
+                skip(row, _failing_source(exc, sources), exc)
         # Events whose keys were claimed before are dropped with one read, so a re-run
         # costs a SELECT per chunk instead of conversions and conflicting INSERTs; the
         # INSERT ... ON CONFLICT still decides races with other workers. Once a chunk
         # turns out mostly new (a first pass), that read would be wasted: the next chunk
         # goes straight to the claim, and is read first again if it was mostly seen.
-        if read_first or mode is Mode.DRY_RUN:
-            new = claim(unseen(events))
+        seen = _seen(produced, using) if read_first or mode is Mode.DRY_RUN else None
+        chunk = _storable(produced, seen)
+        if chunk.refused and seen is None:
+            # Perhaps the context of a key claimed before, which the read drops: a run
+            # must not fail or pass depending on what the chunk before it held.
+            chunk = _storable(produced, _seen(produced, using))
+        for row, source, refusal in chunk.refused:
+            skip(row, source, refusal)
+        result.rows += len(rows)
+        result.events += chunk.produced
+        if mode is Mode.DRY_RUN:
+            new = len(chunk.contexts)
+        elif mode is Mode.MARK_ONLY:
+            new = len(
+                claim_events(chunk.events, using=using, handlers=False, contexts=chunk.contexts)
+            )
         else:
-            try:
-                new = claim(events)
-            except InvalidContext:
-                # Perhaps the context of a key claimed before, which the read drops: a
-                # run must not fail or pass depending on what the chunk before it held.
-                # (Nothing was written: contexts are converted before any claim.)
-                new = claim(unseen(events))
+            new, dispatched = claim_and_dispatch(
+                chunk.events, using=using, contexts=chunk.contexts
+            )
+            result.dispatch += dispatched
         result.new += new
-        read_first = new * 2 < len(events)
+        read_first = new * 2 < chunk.produced
         if on_chunk is not None:
             on_chunk(result)
         if should_stop is not None and should_stop():
             break
     return result
+
+
+# A row of a batch and, per source that produced events for it, those events.
+_Produced = tuple["Model", list[tuple["SourceSpec", list["Event[Any]"]]]]
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """What a chunk of rows hands to the claim: each new key's first event, in order, and
+    its context converted for storage; and the rows refused for an unstorable context."""
+
+    events: list[Event[Any]] = field(default_factory=list)
+    contexts: dict[str, str] = field(default_factory=dict)
+    refused: list[tuple[Model, SourceSpec, InvalidContext]] = field(default_factory=list)
+    produced: int = 0  # the events of the rows not refused
+
+
+def _seen(produced: list[_Produced], using: str) -> set[str]:
+    return seen_keys(
+        [event["key"] for _, by_source in produced for _, events in by_source for event in events],
+        using=using,
+    )
+
+
+def _storable(produced: list[_Produced], seen: set[str] | None) -> _Chunk:
+    """Convert the contexts of the keys not ``seen`` (all if ``None``), a row at a time: a
+    row with an unstorable context is refused whole, as if its source had raised, and the
+    other rows of the chunk go on."""
+    chunk = _Chunk()
+    contexts = chunk.contexts
+    for row, by_source in produced:
+        converted: dict[str, str] = {}
+        refused: tuple[Model, SourceSpec, InvalidContext] | None = None
+        for source, events in by_source:
+            try:
+                for event in events:
+                    key = event["key"]
+                    if key in contexts or key in converted or (seen and key in seen):
+                        continue
+                    converted[key] = dump_context_json(event["context"], key=key)
+            except InvalidContext as exc:
+                refused = (row, source, exc)
+                break
+        if refused is not None:
+            chunk.refused.append(refused)
+            continue
+        contexts.update(converted)
+        for _, events in by_source:
+            chunk.produced += len(events)
+            chunk.events.extend(event for event in events if event["key"] in converted)
+    return chunk
 
 
 def _failing_source(exc: Exception, sources: Sequence[SourceSpec]) -> SourceSpec:

@@ -766,3 +766,93 @@ def test_a_seen_key_whose_context_became_unstorable_never_fails_the_batch(
     unstorable.add(extra.pk)
     with pytest.raises(InvalidContext, match=f"numbered_{extra.pk}"):
         process_queryset(Challenge.objects.all(), chunk_size=10)
+
+
+# -- one bad row never blocks the batch -----------------------------------------------------------
+
+UNSTORABLE: dict[str, object] = {
+    "set": {1, 2},
+    "open-file": StringIO("an open file"),
+    "surrogate": "report_\udcff.txt",
+    "big-int": 10**5000,
+}
+_deep: object = 1
+for _ in range(200):
+    _deep = [_deep]
+UNSTORABLE["deep"] = _deep  # beyond context.MAX_DEPTH
+
+
+@pytest.mark.parametrize("value", UNSTORABLE.values(), ids=UNSTORABLE.keys())
+@pytest.mark.django_db(transaction=True)
+def test_an_unstorable_context_skips_its_instance_and_the_rest_of_the_chunk_is_handled(
+    bare_registry: Registry, value: object
+) -> None:
+    @event_source(Challenge, on_save=False)
+    def described(challenge: Challenge) -> Iterator[Event[dict[str, Any]]]:
+        yield event("described", challenge.pk, {"challenge": challenge})
+        if challenge.title == "bad":
+            yield event("detail", challenge.pk, {"value": value})
+
+    handled: list[str] = []
+
+    @handles(r"^described$")
+    def note(event: Event[Any]) -> None:
+        handled.append(event["key"])
+
+    before, bad, after = Challenge.objects.bulk_create(
+        Challenge(title=title) for title in ("before", "bad", "after")
+    )
+    name = function_name(described)
+
+    for _ in range(2):  # and the next cron run fares no worse
+        err = StringIO()
+        with pytest.raises(CommandError) as excinfo:
+            run("--chunk-size", "10", stderr=err)
+        message = str(excinfo.value)
+        assert "1 instance(s) skipped" in message
+        assert f"{name} failed for testapp.Challenge pk={bad.pk}: Event 'detail_{bad.pk}'" in (
+            message
+        )
+        # The rows before and after it, in the same chunk, were claimed and handled.
+        assert claimed_keys() == {f"described_{before.pk}", f"described_{after.pk}"}
+        assert handled == [f"described_{before.pk}", f"described_{after.pk}"]
+
+
+@pytest.mark.parametrize("mode", ["--dry-run", "--mark-only"])
+@pytest.mark.django_db(transaction=True)
+def test_dry_run_and_mark_only_report_an_unstorable_context_instead_of_crashing(
+    bare_registry: Registry, mode: str
+) -> None:
+    @event_source(Challenge, on_save=False)
+    def described(challenge: Challenge) -> Iterator[Event[dict[str, Any]]]:
+        context = {"tags": {"a"}} if challenge.title == "bad" else {}
+        yield event("described", challenge.pk, context)
+
+    good, bad = Challenge.objects.bulk_create(Challenge(title=t) for t in ("good", "bad"))
+    out = StringIO()
+    with pytest.raises(CommandError) as excinfo:
+        call_command("process_spark_sources", mode, stdout=out, stderr=StringIO())
+    assert f"pk={bad.pk}: Event 'described_{bad.pk}': context['tags'] is a builtins.set" in (
+        str(excinfo.value)
+    )
+    assert out.getvalue().startswith("2 rows, 1 events, 1 new")
+    expected = set() if mode == "--dry-run" else {f"described_{good.pk}"}
+    assert claimed_keys() == expected
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_chunk_of_large_contexts_is_claimed_in_statements_bounded_by_bytes(
+    bare_registry: Registry,
+) -> None:
+    @event_source(Challenge, on_save=False)
+    def bulky(challenge: Challenge) -> Iterator[Event[dict[str, Any]]]:
+        yield event("bulky", challenge.pk, {"blob": "x" * 3_000_000})
+
+    Challenge.objects.bulk_create(Challenge(title=str(i)) for i in range(12))
+    with CaptureQueriesContext(connection) as context:
+        result = process_queryset(Challenge.objects.all(), chunk_size=12)
+    assert result.new == 12
+    claims = [q["sql"] for q in context.captured_queries if "INSERT INTO" in q["sql"]]
+    # 36 MB of contexts, at most MAX_STATEMENT_BYTES (16 MiB) in each statement.
+    assert len(claims) == 3
+    assert len(claimed_keys()) == 12
