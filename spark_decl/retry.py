@@ -18,19 +18,21 @@ from __future__ import annotations
 import difflib
 import logging
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from itertools import chain, islice
 from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, Func, OuterRef, Q, TextField
+from django.db.models.functions import Cast, Length
 from django.utils import timezone
 
 from .calls import PENDING, Call, CallRunner, schedule_after_failure
+from .claims import MAX_PARAMETERS
 from .conf import get_settings
-from .context import ContextUnavailable, load_context
+from .context import BATCH_BYTES, ContextUnavailable, load_stored_context
 from .exceptions import UnknownHandler as UnknownHandler  # re-exported: it lived here
 from .registry import compile_pattern, registry
 from .sources import iterate_chunks
@@ -158,32 +160,79 @@ def due_outcomes(
         queryset = queryset.filter(record__group__in=matching_groups(group, using=using))
     if records is not None:
         queryset = queryset.filter(record__in=records.order_by().values("pk"))
-    return queryset.select_related("record").order_by("pk")
+    # The contexts are read by retry_outcomes, a bounded number of bytes at a time.
+    return queryset.select_related("record").defer("record__context").order_by("pk")
 
 
 def retry_outcomes(
     outcomes: Iterable[HandlerOutcome], *, using: str = DEFAULT_DB_ALIAS
 ) -> RetryResult:
     """Re-run each outcome's handler with its stored context, rebuilt (model instances
-    fetched again), a chunk at a time."""
+    fetched again), a chunk at a time.
+
+    The contexts are read separately, at most :data:`~spark_decl.context.BATCH_BYTES` of
+    them at a time, so large contexts never pile up in memory; a context that cannot be
+    rebuilt fails its own call (recorded like any failure) and the others go on.
+    """
     result = RetryResult()
     iterator = iter(outcomes)
     while chunk := list(islice(iterator, get_settings().CHUNK_SIZE)):
-        calls: list[Call] = []
-        for outcome in chunk:
-            result.due += 1
-            call = _call_for(outcome, result, using=using)
-            if call is not None:
-                calls.append(call)
-        run = CallRunner(using).run(calls)
-        run.report()
-        result.succeeded += run.succeeded
-        result.failed += run.failed
-        result.skipped += run.skipped
+        for part, texts in _with_contexts(chunk, using=using):
+            calls: list[Call] = []
+            for outcome in part:
+                result.due += 1
+                call = _call_for(outcome, texts.get(outcome.record.pk), result, using=using)
+                if call is not None:
+                    calls.append(call)
+            run = CallRunner(using).run(calls)
+            run.report()
+            result.succeeded += run.succeeded
+            result.failed += run.failed
+            result.skipped += run.skipped
     return result
 
 
-def _call_for(outcome: HandlerOutcome, result: RetryResult, *, using: str) -> Call | None:
+def _with_contexts(
+    outcomes: list[HandlerOutcome], *, using: str
+) -> Iterator[tuple[list[HandlerOutcome], dict[int, str]]]:
+    """``outcomes``, in order, in runs whose stored contexts total at most
+    ``BATCH_BYTES``, each with those contexts' JSON text by event id (text, parsed per
+    call, so that one that cannot be parsed fails alone)."""
+    from .models import EventRecord
+
+    text = Cast("context", output_field=TextField())
+
+    def read(ids: list[int], value: Func) -> dict[int, Any]:
+        found: dict[int, Any] = {}
+        for start in range(0, len(ids), MAX_PARAMETERS):
+            found.update(
+                EventRecord.objects.using(using)
+                .filter(pk__in=ids[start : start + MAX_PARAMETERS])
+                .annotate(value=value)
+                .values_list("pk", "value")
+            )
+        return found
+
+    sizes = read(list({outcome.record.pk: None for outcome in outcomes}), Length(text))
+    run: list[HandlerOutcome] = []
+    in_run: dict[int, None] = {}
+    size = 0
+    for outcome in outcomes:
+        pk = outcome.record.pk
+        if pk not in in_run:
+            if run and size + sizes.get(pk, 0) > BATCH_BYTES:
+                yield run, read(list(in_run), text)
+                run, in_run, size = [], {}, 0
+            in_run[pk] = None
+            size += sizes.get(pk, 0)
+        run.append(outcome)
+    if run:
+        yield run, read(list(in_run), text)
+
+
+def _call_for(
+    outcome: HandlerOutcome, text: str | None, result: RetryResult, *, using: str
+) -> Call | None:
     spec = registry.get_handler(outcome.handler)
     if spec is None:
         result.unknown_handler += 1
@@ -193,8 +242,11 @@ def _call_for(outcome: HandlerOutcome, result: RetryResult, *, using: str) -> Ca
             outcome.record.key,
         )
         return None
+    if text is None:  # pruned since the outcome was read: nothing is owed any more
+        result.skipped += 1
+        return None
     try:
-        context = load_context(outcome.record.context)
+        context = load_stored_context(text)
     except ContextUnavailable as exc:
         record_unavailable(outcome, exc, using=using)
         result.failed += 1
@@ -286,7 +338,8 @@ def replay_events(handler: str, *, group: str, using: str = DEFAULT_DB_ALIAS) ->
         ~done_at_claim_has(spec.name),
         group__in=result.groups,
     )
-    for records in iterate_chunks(candidates, get_settings().CHUNK_SIZE):
+    # The contexts are read by retry_outcomes, a bounded number of bytes at a time.
+    for records in iterate_chunks(candidates.defer("context"), get_settings().CHUNK_SIZE):
         now = timezone.now()
         with transaction.atomic(using=using):
             # A replay running at the same time may have created some of these rows.

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from collections import Counter
 from dataclasses import dataclass, field
 from io import StringIO
@@ -23,7 +24,7 @@ from pytest_django import Settings
 
 from spark_decl import Event, event, handles, only_new_events, process_events
 from spark_decl.claims import claim_events
-from spark_decl.models import HandlerOutcome
+from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry, function_name
 from spark_decl.retry import due_outcomes, retry_outcomes
 from spark_decl.signals import handler_failed
@@ -508,3 +509,66 @@ def test_concurrent_retry_processes_run_each_call_once() -> None:
     assert sum(succeeded) == CONCURRENT_KEYS
     for out in outputs:
         assert " 0 failed" in out, out
+
+
+# -- every stored context, however odd, fails only its own call ------------------------------
+
+
+def store_context_text(key: str, text: str) -> None:
+    """Overwrite a stored context with raw JSON text, as rows written before a validation
+    existed (or edited by hand) may hold."""
+    table = EventRecord._meta.db_table
+    cast = "::jsonb" if connection.vendor == "postgresql" else ""
+    with connection.cursor() as cursor:
+        cursor.execute(f'UPDATE "{table}" SET "context" = %s{cast} WHERE "key" = %s', [text, key])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stored_context_no_reader_can_rebuild_fails_its_own_call_not_the_run(
+    flaky: Flaky,
+) -> None:
+    odd, fine = Challenge.objects.bulk_create([Challenge(title="odd"), Challenge(title="ok")])
+    process_events(
+        only_new_events(event("challenge_created", c.pk, {"challenge": c}) for c in (odd, fine))
+    )
+    # Valid JSON to both databases (SQLite's JSON functions allow 1,000 levels), but deeper
+    # than Python rebuilds it within its recursion limit.
+    store_context_text(f"challenge_created_{odd.pk}", "[" * 900 + "]" * 900)
+    flaky.broken = False
+
+    output = retry("--all")
+
+    assert output.startswith("2 due, 1 succeeded, 1 failed")
+    mine = HandlerOutcome.objects.filter(handler=flaky.name)
+    statuses = dict(mine.values_list("record__key", "status"))
+    assert statuses == {
+        f"challenge_created_{odd.pk}": HandlerOutcome.Status.FAILED,
+        f"challenge_created_{fine.pk}": HandlerOutcome.Status.DONE,
+    }
+    odd_outcome = mine.get(record__key=f"challenge_created_{odd.pk}")
+    assert odd_outcome.last_error.startswith("ContextUnavailable: ")
+    assert "RecursionError" in odd_outcome.last_error
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retry_loads_stored_contexts_a_bounded_number_of_bytes_at_a_time(flaky: Flaky) -> None:
+    megabyte = "x" * 1_000_000
+    challenges = Challenge.objects.bulk_create(Challenge(title=str(i)) for i in range(60))
+    process_events(
+        only_new_events(
+            event("challenge_created", c.pk, {"challenge": c, "blob": megabyte})
+            for c in challenges
+        )
+    )
+    assert HandlerOutcome.objects.filter(status="failed").count() == 60
+    flaky.broken = False
+    tracemalloc.start()
+    try:
+        retry("--all")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert HandlerOutcome.objects.filter(handler=flaky.name, status="done").count() == 60
+    # 60 MB of contexts: loaded all at once they alone would take 120 MB and more (the
+    # text read and the value rebuilt); BATCH_BYTES (16 MiB) at a time, about 50 MB.
+    assert peak < 80_000_000, f"peak {peak:,} bytes"
