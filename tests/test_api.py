@@ -6,7 +6,9 @@ import datetime as dt
 import re
 from collections.abc import Callable, Iterable, Iterator
 from datetime import date
+from functools import partial
 from io import StringIO
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,9 +17,10 @@ from django.utils import timezone
 
 import spark_decl
 from spark_decl import api
-from spark_decl.exceptions import RegistrationError
+from spark_decl.exceptions import InvalidContext, RegistrationError
 from spark_decl.models import EventRecord
 from spark_decl.registry import Registry, function_name
+from spark_decl.testing import run_on_commit
 from tests.conftest import logged_keys
 from tests.testapp import spark
 from tests.testapp.models import Challenge, Donation, HandlerLog
@@ -352,3 +355,112 @@ def test_mutating_all_of_model_sources_is_an_error_saying_what_to_write(method: 
     with pytest.raises(RegistrationError, match=re.escape(f"api.MODEL_SOURCES.{method}()")):
         getattr(api.MODEL_SOURCES, method)(*args)
     assert list(api.MODEL_SOURCES) == [Challenge, Donation]
+
+
+# -- identity by dotted name (docs/migrating.rst) ---------------------------------------------
+
+
+def make_handler(log: list[str], label: str) -> Callable[[spark_decl.Event[Any]], None]:
+    def handler(event: spark_decl.Event[Any]) -> None:
+        log.append(label)
+
+    return handler
+
+
+def labelled(log: list[str], event: spark_decl.Event[Any], *, label: str) -> None:
+    log.append(label)
+
+
+def handler_names(registry: Registry, group: str) -> list[str]:
+    return [spec.name for spec in registry.handlers_for(group)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_lambdas_partials_and_closures_of_one_factory_replace_each_other(
+    isolated_registry: Registry,
+) -> None:
+    """django-spark kept every function it was given; spark_decl keeps one per dotted
+    name, and these share theirs."""
+    log: list[str] = []
+    api.register_group_handler(group=r"^compat_a$", handler=lambda event: log.append("a"))
+    api.register_group_handler(group=r"^compat_b$", handler=lambda event: log.append("b"))
+    api.register_group_handler(group=r"^compat_c$", handler=partial(labelled, log, label="c"))
+    api.register_group_handler(group=r"^compat_d$", handler=partial(labelled, log, label="d"))
+    api.register_group_handler(group=r"^compat_e$", handler=make_handler(log, "e"))
+    api.register_group_handler(group=r"^compat_f$", handler=make_handler(log, "f"))
+
+    assert handler_names(isolated_registry, "compat_a") == []
+    assert handler_names(isolated_registry, "compat_c") == []
+    assert handler_names(isolated_registry, "compat_e") == []
+    assert handler_names(isolated_registry, "compat_d") == ["functools.partial"]
+    assert handler_names(isolated_registry, "compat_f") == [
+        f"{__name__}.make_handler.<locals>.handler"
+    ]
+    api.process_events([spark_decl.event(f"compat_{x}", 1) for x in "abcdef"])
+    assert log == ["b", "d", "f"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_functions_defined_with_distinct_names_are_all_kept(
+    isolated_registry: Registry,
+) -> None:
+    log: list[str] = []
+
+    def handle_a(event: spark_decl.Event[Any]) -> None:
+        log.append("a")
+
+    def handle_b(event: spark_decl.Event[Any]) -> None:
+        log.append("b")
+
+    api.register_group_handler(group=r"^compat_a$", handler=handle_a)
+    api.register_group_handler(group=r"^compat_b$", handler=handle_b)
+    api.process_events([spark_decl.event("compat_a", 1), spark_decl.event("compat_b", 1)])
+    assert log == ["a", "b"]
+
+
+@pytest.mark.usefixtures("isolated_registry")
+def test_two_lambdas_registered_as_sources_of_a_model_replace_each_other() -> None:
+    api.register_model_event_source(sender=HandlerLog, source=lambda log: [])
+    api.register_model_event_source(sender=HandlerLog, source=lambda log: None)
+    (source,) = api.MODEL_SOURCES[HandlerLog]
+    assert source(HandlerLog()) is None
+
+
+# -- what else a django-spark user meets (docs/migrating.rst) ---------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_unstorable_context_is_refused_naming_the_event_and_the_place(tmp_path: Path) -> None:
+    with (tmp_path / "log.txt").open("w") as log:
+        events = [
+            {"group": "challenge_ok", "key": "challenge_ok_1", "context": {"n": 1}},
+            {"group": "challenge_log", "key": "challenge_log_1", "context": {"log": log}},
+        ]
+        with pytest.raises(InvalidContext, match=r"'challenge_log_1': context\['log'\]"):
+            api.process_events(api.only_new_events(events))
+    with pytest.raises(InvalidContext, match=r"context\['tags'\] is a builtins.set"):
+        list(api.only_new_events([spark_decl.event("challenge_tags", 1, {"tags": {"a"}})]))
+    assert not EventRecord.objects.exists()
+    assert logged_keys() == []
+
+
+@pytest.mark.django_db
+def test_in_a_test_case_saves_run_no_handler_until_run_on_commit(
+    isolated_registry: Registry,
+) -> None:
+    handled: list[str] = []
+
+    def events_from_donation(donation: Donation) -> Iterator[dict[str, Any]]:
+        yield {"group": "donation_made", "key": f"donation_made_{donation.pk}"}
+
+    def record(event: Any) -> None:
+        handled.append(event["key"])
+
+    api.register_model_event_source(sender=Donation, source=events_from_donation)
+    api.register_group_handler(group=r"^donation_made$", handler=record)
+    challenge = Challenge.objects.create(title="x")
+    Donation.objects.create(challenge=challenge)
+    assert handled == []  # the test's transaction never commits
+    with run_on_commit():
+        donation = Donation.objects.create(challenge=challenge)
+    assert handled == [f"donation_made_{donation.pk}"]
