@@ -14,7 +14,7 @@ Saving from async code needs nothing special: ``await instance.asave()`` runs
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
@@ -31,14 +31,16 @@ async def aonly_new_events(
 ) -> AsyncIterator[E]:
     """:func:`~spark_decl.only_new_events` for async code.
 
-    The events are collected first (an async iterable is consumed here), then validated
-    and claimed in one go; the new ones are yielded in input order. ::
+    The events are collected first (an async iterable is consumed here); the new ones are
+    yielded in input order, each claimed just before it is handed over, so a consumer
+    that stops or raises leaves the rest new. ::
 
         await aprocess_events(aonly_new_events(events_from_challenge(challenge)))
     """
     collected = await _collect(events)
-    claimed = await sync_to_async(_claim, thread_sensitive=True)(collected, using)
-    for event in claimed:
+    claims = only_new_events(collected, using=using)
+    step = sync_to_async(_next, thread_sensitive=True)
+    while (event := await step(claims)) is not None:
         yield event
 
 
@@ -63,5 +65,6 @@ async def _collect(events: Iterable[E] | AsyncIterable[E]) -> list[E]:
     return list(events)
 
 
-def _claim(events: list[E], using: str) -> list[E]:
-    return list(only_new_events(events, using=using))
+def _next(claims: Iterator[E]) -> E | None:
+    """The next new event (an event is a mapping, never ``None``)."""
+    return next(claims, None)

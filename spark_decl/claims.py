@@ -433,22 +433,41 @@ def only_new_events(
     *,
     using: str = DEFAULT_DB_ALIAS,
 ) -> Iterator[E]:
-    """Yield the events whose keys were never seen before, claiming them as it goes.
+    """Yield the events whose keys were never seen before, claiming each as it is yielded.
 
-    Each event is validated (:class:`~spark_decl.exceptions.InvalidEvent` on bad input),
-    keys are claimed in the database a chunk at a time, and only events claimed by this
-    call are yielded, in input order, each key once. Pass the result to
-    :func:`process_events`::
+    Each event is validated (:class:`~spark_decl.exceptions.InvalidEvent` on bad input) and
+    only events claimed by this call are yielded, in input order, each key once. Pass the
+    result to :func:`process_events`::
 
         process_events(only_new_events(events_from_challenge(challenge)))
 
-    Claimed events whose handlers never run (the caller stops iterating, the process dies)
-    stay pending and are finished by ``manage.py retry_spark_events``.
+    An event is claimed just before it is handed over, never earlier: a consumer that
+    stops, raises or dies leaves every event it did not get new, as django-spark did.
+    Claimed events owe their handler calls: those the consumer does not make (it stops
+    or dies before) are finished by ``manage.py retry_spark_events``.
     """
+    # Before the first read, which is written for SQLite and PostgreSQL only.
+    check_database(connections[using])
     chunk_size = get_settings().CHUNK_SIZE
     iterator = iter(events)
     while chunk := list(islice(iterator, chunk_size)):
-        valid = [validate_event(candidate) for candidate in chunk]
-        # A claimed event is a dict equal to the one passed in, so its static type (and the
-        # handler-side context type, e.g. Event[ChallengeContext]) carries over.
-        yield from cast("list[E]", claim_events(valid, using=using))
+        first: dict[str, Event[Any]] = {}
+        for candidate in chunk:
+            valid = validate_event(candidate)
+            first.setdefault(valid["key"], valid)
+        # One read drops the keys seen before, so they cost no claim; the claims below
+        # still decide races with other claimers (a key taken since is not yielded).
+        seen = seen_keys(list(first), using=using)
+        new = [event for key, event in first.items() if key not in seen]
+        # Converted before the chunk's first claim: an unstorable context fails the chunk
+        # with nothing of it written.
+        contexts = {
+            event["key"]: dump_context_json(event["context"], key=event["key"]) for event in new
+        }
+        for event in new:
+            claimed = claim_events([event], using=using, contexts=contexts)
+            if claimed:
+                # A claimed event is a dict equal to the one passed in, so its static type
+                # (and the handler-side context type, e.g. Event[ChallengeContext]) carries
+                # over.
+                yield cast("E", claimed[0])

@@ -8,7 +8,7 @@ thread-sensitive) to this test's thread and its database connection.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -24,7 +24,7 @@ from spark_decl import (
     handles,
     process_events,
 )
-from spark_decl.models import HandlerOutcome
+from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry, function_name
 from spark_decl.signals import event_dispatched
 from tests.conftest import all_calls
@@ -179,3 +179,44 @@ def recorder_specs() -> list[Any]:
     from spark_decl.registry import registry
 
     return registry.handlers()
+
+
+def claimed_keys() -> list[str]:
+    return sorted(EventRecord.objects.values_list("key", flat=True))
+
+
+@pytest.mark.parametrize("stop", ["break", "aclose"])
+def test_aonly_new_events_claims_nothing_its_consumer_did_not_get(stop: str) -> None:
+    events = [event("async", n) for n in range(4)]
+
+    async def take_one() -> str:
+        new = aonly_new_events(events)
+        if stop == "aclose":
+            assert isinstance(new, AsyncGenerator)
+            first: Event[dict[str, Any]] = await anext(new)
+            await new.aclose()
+            return first["key"]
+        async for first in new:
+            return first["key"]
+        raise AssertionError("nothing was yielded")
+
+    assert run_async(take_one) == "async_0"
+    assert claimed_keys() == ["async_0"]
+
+
+def test_aonly_new_events_leaves_the_rest_new_when_its_consumer_raises() -> None:
+    events = [event("async", n) for n in range(4)]
+
+    async def fail_on_the_second() -> None:
+        async for new in aonly_new_events(events):
+            if new["key"] == "async_1":
+                raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        run_async(fail_on_the_second)
+    assert claimed_keys() == ["async_0", "async_1"]
+
+    async def the_rest() -> list[str]:
+        return [new["key"] async for new in aonly_new_events(events)]
+
+    assert run_async(the_rest) == ["async_2", "async_3"]

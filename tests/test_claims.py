@@ -8,22 +8,25 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import nullcontext
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.management import call_command
 from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from pytest_django import Settings
 
-from spark_decl import Event, event, handles, only_new_events, process_events
+from spark_decl import Event, api, event, handles, only_new_events, process_events
 from spark_decl.claims import seen_keys
 from spark_decl.exceptions import InvalidContext
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry
-from tests.conftest import CHALLENGE_HANDLER, all_calls, logged_keys
+from tests.conftest import CHALLENGE_HANDLER, all_calls, handler_statuses, logged_keys
 from tests.testapp.models import Challenge, HandlerLog
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +77,9 @@ def test_claimed_events_equal_the_events_passed_in() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_only_new_events_claims_lazily_a_chunk_at_a_time(settings: Settings) -> None:
+def test_only_new_events_reads_a_chunk_and_claims_each_event_as_it_yields(
+    settings: Settings,
+) -> None:
     settings.SPARK_DECL = {"CHUNK_SIZE": 2}
     pulled: list[int] = []
 
@@ -87,9 +92,13 @@ def test_only_new_events_claims_lazily_a_chunk_at_a_time(settings: Settings) -> 
     assert pulled == []
     assert not EventRecord.objects.exists()
     assert next(claimed)["key"] == "g_0"
+    # A chunk is read from the source, and only what is handed over is claimed.
     assert pulled == [0, 1]
+    assert EventRecord.objects.count() == 1
+    assert next(claimed)["key"] == "g_1"
     assert EventRecord.objects.count() == 2
-    assert [e["key"] for e in claimed] == ["g_1", "g_2", "g_3", "g_4"]
+    assert [e["key"] for e in claimed] == ["g_2", "g_3", "g_4"]
+    assert pulled == [0, 1, 2, 3, 4]
     assert EventRecord.objects.count() == 5
 
 
@@ -276,3 +285,111 @@ def test_seen_keys_reads_any_number_of_keys_with_one_query() -> None:
     assert len(context.captured_queries) == 1
     assert seen == {f"g_{key}" for key in claimed} | set(odd)
     assert seen_keys([]) == set()
+
+
+# -- a consumer that stops: nothing claimed that it never got -----------------------------
+
+# django-spark's keyword and the declarative name share the behaviour.
+ONLY_NEW_EVENTS: list[Callable[[list[Event[dict[str, Any]]]], Iterator[Event[dict[str, Any]]]]]
+ONLY_NEW_EVENTS = [only_new_events, api.only_new_events]
+ONLY_NEW_EVENTS_IDS = ["spark_decl", "api"]
+
+
+def claimed_keys() -> list[str]:
+    return sorted(EventRecord.objects.values_list("key", flat=True))
+
+
+def take_one(events: Iterator[Event[dict[str, Any]]], stop: str) -> str:
+    """The key of the first event, the consumer then stopping as ``stop`` says."""
+    if stop == "close":
+        assert isinstance(events, Generator)
+        first: Event[dict[str, Any]] = next(events)
+        events.close()
+        return first["key"]
+    for new in events:
+        return new["key"]  # the for loop's break
+    raise AssertionError("nothing was yielded")
+
+
+@pytest.mark.parametrize("only_new", ONLY_NEW_EVENTS, ids=ONLY_NEW_EVENTS_IDS)
+@pytest.mark.parametrize("stop", ["break", "close"])
+@pytest.mark.django_db(transaction=True)
+def test_a_consumer_that_stops_after_one_event_leaves_the_rest_new(
+    recorder: list[str],
+    only_new: Callable[[list[Event[dict[str, Any]]]], Iterator[Event[dict[str, Any]]]],
+    stop: str,
+) -> None:
+    events = [event("g", n) for n in range(4)]
+    assert take_one(only_new(events), stop) == "g_0"
+    assert claimed_keys() == ["g_0"]
+    # The event the consumer got owes its handler call, which the retry makes.
+    assert handler_statuses("g_0") == {"tests.test_claims.recorder.<locals>.record": "pending"}
+    call_command("retry_spark_events", "--stale-after", "0", stdout=StringIO())
+    assert recorder == ["g_0"]
+    assert [new["key"] for new in only_new(events)] == ["g_1", "g_2", "g_3"]
+
+
+@pytest.mark.parametrize("only_new", ONLY_NEW_EVENTS, ids=ONLY_NEW_EVENTS_IDS)
+@pytest.mark.django_db(transaction=True)
+def test_a_consumer_that_raises_leaves_the_rest_new(
+    only_new: Callable[[list[Event[dict[str, Any]]]], Iterator[Event[dict[str, Any]]]],
+) -> None:
+    events = [event("g", n) for n in range(4)]
+
+    def fail_on_the_second() -> None:
+        for new in only_new(events):
+            if new["key"] == "g_1":
+                raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        fail_on_the_second()
+    assert claimed_keys() == ["g_0", "g_1"]
+    assert [new["key"] for new in only_new(events)] == ["g_2", "g_3"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_consumer_that_stops_inside_a_transaction_commits_only_what_it_got(
+    settings: Settings,
+) -> None:
+    settings.SPARK_DECL = {"CHUNK_SIZE": 3}
+    events = [event("g", n) for n in range(5)]
+    with transaction.atomic():
+        new = only_new_events(events)
+        assert [next(new)["key"], next(new)["key"]] == ["g_0", "g_1"]
+    assert claimed_keys() == ["g_0", "g_1"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_key_claimed_elsewhere_after_the_chunk_was_read_is_not_yielded() -> None:
+    new = only_new_events([event("g", n) for n in range(4)])
+    assert next(new)["key"] == "g_0"
+    # Another claimer takes g_2 while the consumer works on g_0: the unique key decides.
+    assert [e["key"] for e in only_new_events([event("g", 2)])] == ["g_2"]
+    assert [e["key"] for e in new] == ["g_1", "g_3"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_seen_keys_cost_one_read_per_chunk_and_no_claim(settings: Settings) -> None:
+    settings.SPARK_DECL = {"CHUNK_SIZE": 10}
+    list(only_new_events([event("g", n) for n in range(0, 20, 2)]))
+    table = EventRecord._meta.db_table
+    with CaptureQueriesContext(connection) as context:
+        new = [e["key"] for e in only_new_events([event("g", n) for n in range(20)])]
+    assert new == [f"g_{n}" for n in range(1, 20, 2)]
+    statements = [query["sql"] for query in context.captured_queries]
+    assert sum(sql.startswith("SELECT") and table in sql for sql in statements) == 2
+    assert sum(sql.startswith(f'INSERT INTO "{table}"') for sql in statements) == 10
+
+
+@pytest.mark.parametrize("in_transaction", [False, True], ids=["autocommit", "atomic"])
+@pytest.mark.django_db(transaction=True)
+def test_process_events_of_only_new_events_handles_each_event_once(
+    recorder: list[str], settings: Settings, in_transaction: bool
+) -> None:
+    settings.SPARK_DECL = {"CHUNK_SIZE": 2}
+    events = [event("g", n) for n in (1, 2, 1, 3, 2, 4, 5)]
+    for _ in range(2):
+        with transaction.atomic() if in_transaction else nullcontext():
+            process_events(only_new_events(events))
+    assert recorder == ["g_1", "g_2", "g_3", "g_4", "g_5"]
+    assert set(all_calls().values()) == {"done"}

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from spark_decl.claims import seen_keys
 from spark_decl.models import EventRecord
 from tests import workers
 from tests.testapp.models import Challenge
@@ -204,4 +205,27 @@ def test_a_process_killed_while_handling_its_saves_after_commit(
 
     assert pool.batch().startswith(f"{saves} rows, {saves} events, {saves - claimed} new, ")
     pool.retry()
+    assert_all_handled_once(pks)
+
+
+@pytest.mark.parametrize("function", ["spark_decl", "api", "aio"])
+def test_a_consumer_of_only_new_events_killed_midway_leaves_the_rest_new(
+    pool: Workers, function: str
+) -> None:
+    """``only_new_events`` claims an event only as it hands it over: killed while its
+    consumer handles the first event, the others were never claimed, and the first one's
+    calls are pending for the retry."""
+    Challenge.objects.bulk_create(Challenge(title=f"c{n}") for n in range(5))
+    pks = list(Challenge.objects.order_by("pk").values_list("pk", flat=True))
+    worker = pool.start("consume", function, pause_at=["handler:1"])
+    worker.wait_paused()
+    worker.kill()
+
+    first = workers.key(pks[0])
+    assert seen_keys([workers.key(pk) for pk in pks]) == {first}
+    assert assert_consistent() == {(handler, first): "pending" for handler in workers.HANDLERS}
+
+    pool.retry()
+    assert workers.effects() == {(handler, first): 1 for handler in workers.HANDLERS}
+    assert pool.batch().startswith(f"{len(pks)} rows, {len(pks)} events, {len(pks) - 1} new, ")
     assert_all_handled_once(pks)

@@ -122,3 +122,7 @@ def api_is_checked() -> None:
     api.register_group_handler(r"^challenge", send)  # type: ignore[misc]  # pyright: ignore[reportCallIssue]
     # A read-only view of the registry.
     api.MODEL_SOURCES[Challenge] = []  # type: ignore[index]  # pyright: ignore[reportIndexIssue]
+    # django-spark's keyword is `iterable`, and events are mappings.
+    api.process_events(events=[event("g", 1)])  # type: ignore[call-arg]  # pyright: ignore[reportCallIssue]
+    api.only_new_events(iterable=[1, 2])  # type: ignore[type-var]  # pyright: ignore[reportArgumentType]
+    api.process_events(iterable=[1, 2])  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]

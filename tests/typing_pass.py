@@ -138,3 +138,10 @@ def api_is_typed(challenge: Challenge) -> None:
             for source in sources:
                 assert_type(api.process_events(api.only_new_events(source(instance))), None)
     assert_type(api.event("g", 1), Event[dict[str, Any]])
+
+
+def api_takes_django_sparks_keyword(events: Iterator[Event[ChallengeContext]]) -> None:
+    assert_type(api.only_new_events(iterable=events), Iterator[Event[ChallengeContext]])
+    assert_type(api.only_new_events(events, using="default"), Iterator[Event[ChallengeContext]])
+    assert_type(api.process_events(iterable=api.only_new_events(iterable=events)), None)
+    assert_type(api.process_events(iterable=[{"group": "g", "key": "k"}]), None)

@@ -188,7 +188,7 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--tasks", choices=["immediate", "database"], default="immediate")
     parser.add_argument("--pause-at", action="append", default=[], metavar="KIND:N")
     parser.add_argument("--repeat-until", type=Path, metavar="FILE")
-    parser.add_argument("action", choices=["command", "save", "create"])
+    parser.add_argument("action", choices=["command", "save", "create", "consume"])
     parser.add_argument("args", nargs=argparse.REMAINDER)
     options = parser.parse_args(argv)
     PLAN.sync = options.sync
@@ -229,6 +229,32 @@ def act(action: str, args: list[str]) -> None:
         with transaction.atomic():
             for n in range(int(args[0])):
                 Challenge.objects.create(title=f"created {n}")
+    elif action == "consume":
+        consume(args[0])
+
+
+def consume(function: str) -> None:
+    """Every challenge's events through ``only_new_events`` (``function``: ``spark_decl``,
+    ``api`` or ``aio``, the async twin), each handled by ``process_events`` as the consumer
+    gets it: a consumer working on one event at a time."""
+    from asgiref.sync import async_to_sync
+
+    from spark_decl import aonly_new_events, api, aprocess_events, only_new_events, process_events
+    from tests.testapp.models import Challenge
+
+    events = [
+        e for challenge in Challenge.objects.order_by("pk") for e in worker_events(challenge)
+    ]
+    if function == "aio":
+
+        async def main() -> None:
+            async for new in aonly_new_events(events):
+                await aprocess_events([new])
+
+        async_to_sync(main)()
+        return
+    for new in {"spark_decl": only_new_events, "api": api.only_new_events}[function](events):
+        process_events([new])
 
 
 # -- in the test -----------------------------------------------------------------------------
@@ -333,8 +359,8 @@ class Workers:
         database_options: dict[str, Any] | None = None,
     ) -> Worker:
         """Start a worker that runs ``action`` (``command NAME ARGS...``,
-        ``save PK [inside]``, ``create N``) in its own sync directory. ``database_options``
-        are added to the database's ``OPTIONS``."""
+        ``save PK [inside]``, ``create N``, ``consume FUNCTION``) in its own sync directory.
+        ``database_options`` are added to the database's ``OPTIONS``."""
         name = f"worker-{len(self.started)}"
         sync = self.sync / name
         sync.mkdir()
