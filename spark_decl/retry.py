@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,7 +27,7 @@ from django.db import DEFAULT_DB_ALIAS, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
-from .calls import PENDING, Call, CallRunner, schedule_after_failure
+from .calls import PENDING, Call, CallRunner, describe, schedule_after_failure
 from .conf import get_settings
 from .context import ContextUnavailable, load_context
 from .exceptions import UnknownHandler as UnknownHandler  # re-exported: it lived here
@@ -318,11 +317,12 @@ def record_unavailable(outcome: HandlerOutcome, exc: Exception, *, using: str) -
     now = timezone.now()
     attempts = outcome.attempts + 1
     status, next_attempt_at = schedule_after_failure(attempts, now)
+    error, trace = describe(exc)
     HandlerOutcome.objects.using(using).filter(pk=outcome.pk, attempts=outcome.attempts).update(
         status=status,
         next_attempt_at=next_attempt_at,
         attempts=attempts,
-        last_error=f"{type(exc).__name__}: {exc}",
-        traceback="".join(traceback.format_exception(exc)),
+        last_error=error,
+        traceback=trace,
     )
     logger.error("Cannot retry %s for event %r: %s", outcome.handler, outcome.record.key, exc)
