@@ -20,11 +20,11 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 
+from .calls import TRACEBACK_MAX_CHARS, clip
 from .models import EventRecord, HandlerOutcome, done_at_claim_has
 from .retry import retry_records
 
 CONTEXT_PREVIEW_CHARS = 5_000
-TRACEBACK_PREVIEW_CHARS = 20_000
 # The filters' query parameters. Constants, because django-stubs declares
 # SimpleListFilter.parameter_name as ``str | None``.
 STATUS_PARAMETER = "status"
@@ -144,12 +144,11 @@ class HandlerOutcomeInline(ReadOnlyMixin, InlineBase):
 
     @admin.display(description=_("traceback"))
     def traceback_display(self, obj: HandlerOutcome) -> SafeString | str:
-        text = obj.traceback
-        if not text:
+        if not obj.traceback:
             return "-"
-        if len(text) > TRACEBACK_PREVIEW_CHARS:
-            # The end of a traceback is where the error is.
-            text = f"… ({len(text)} characters in all)\n{text[-TRACEBACK_PREVIEW_CHARS:]}"
+        # Stored tracebacks are already this long at most; a row written some other way
+        # is cut the same way, keeping the first and the last exception.
+        text = clip(obj.traceback, TRACEBACK_MAX_CHARS)
         return format_html(
             "<details><summary>{}</summary><pre>{}</pre></details>", _("show"), text
         )

@@ -16,7 +16,8 @@ from django.utils.html import escape
 from pytest_django import Settings
 
 from spark_decl import Event, event, handles, only_new_events, process_events
-from spark_decl.admin import CONTEXT_PREVIEW_CHARS, TRACEBACK_PREVIEW_CHARS
+from spark_decl.admin import CONTEXT_PREVIEW_CHARS
+from spark_decl.calls import TRACEBACK_MAX_CHARS
 from spark_decl.dispatch import claim_and_dispatch
 from spark_decl.models import EventRecord, HandlerOutcome, done_at_claim_has
 from spark_decl.registry import Registry, function_name
@@ -189,16 +190,17 @@ def test_the_change_page_shows_each_outcome_with_its_traceback(
     assert 'name="_save"' not in content
 
 
-def test_a_huge_traceback_is_shown_truncated_from_the_end(
+def test_a_huge_traceback_is_shown_with_its_head_and_tail(
     admin_client: Client, broken: Broken
 ) -> None:
     record = EventRecord.objects.get(key="order_placed_1")
     huge = "Traceback (most recent call last):\n" + "  frame\n" * 200_000 + "ValueError: end"
     HandlerOutcome.objects.filter(record=record, handler=broken.mailer).update(traceback=huge)
     content = admin_client.get(change_url(record)).content.decode()
-    assert f"… ({len(huge)} characters in all)" in content
-    assert "ValueError: end" in content
-    assert len(content) < TRACEBACK_PREVIEW_CHARS + 100_000
+    assert re.search(r"<pre>Traceback \(most recent call last\):\n  frame\n", content)
+    assert re.search(r"\[\.\.\. [\d,]+ characters cut \.\.\.\]", content)
+    assert "ValueError: end</pre>" in content
+    assert len(content) < TRACEBACK_MAX_CHARS + 100_000
 
 
 def test_a_megabyte_of_context_renders_truncated(admin_client: Client, db: None) -> None:
