@@ -19,12 +19,12 @@ import difflib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from itertools import chain, islice
 from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Count, Exists, Min, OuterRef, Q
 from django.utils import timezone
 
 from .calls import PENDING, Call, CallRunner, describe, schedule_after_failure
@@ -60,6 +60,15 @@ class RetryResult:
         for name in ("due", "succeeded", "failed", "skipped", "unknown_handler"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
+
+
+@dataclass(frozen=True)
+class WaitingCalls:
+    """The failed calls that are not due yet: ``count`` of them, the first due at
+    ``next_due_at`` (``None`` when there are none)."""
+
+    count: int
+    next_due_at: datetime | None
 
 
 @dataclass
@@ -158,6 +167,28 @@ def due_outcomes(
     if records is not None:
         queryset = queryset.filter(record__in=records.order_by().values("pk"))
     return queryset.select_related("record").order_by("pk")
+
+
+def waiting_calls(
+    *, group: str | None = None, handler: str | None = None, using: str = DEFAULT_DB_ALIAS
+) -> WaitingCalls:
+    """The failed calls that wait out their backoff (a retry without ``ignore_schedule``
+    leaves them alone), among those ``group`` and ``handler`` select as in
+    :func:`due_outcomes`."""
+    from .models import HandlerOutcome
+
+    # The condition of spark_decl_due_idx first, as in due_outcomes.
+    waiting = HandlerOutcome.objects.using(using).filter(
+        ~Q(status=HandlerOutcome.Status.DONE),
+        status=HandlerOutcome.Status.FAILED,
+        next_attempt_at__gt=timezone.now(),
+    )
+    if handler is not None:
+        waiting = waiting.filter(handler=handler)
+    if group is not None:
+        waiting = waiting.filter(record__group__in=matching_groups(group, using=using))
+    found = waiting.order_by().aggregate(count=Count("pk"), next_due_at=Min("next_attempt_at"))
+    return WaitingCalls(count=found["count"], next_due_at=found["next_due_at"])
 
 
 def retry_outcomes(
