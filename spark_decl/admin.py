@@ -132,7 +132,7 @@ class HandlerOutcomeInline(ReadOnlyMixin, InlineBase):
         "created_at",
         "finished_at",
         "next_attempt_at",
-        "last_error",
+        "error_display",
         "traceback_display",
     )
     readonly_fields = fields
@@ -142,6 +142,16 @@ class HandlerOutcomeInline(ReadOnlyMixin, InlineBase):
         # Outcomes are part of the event: whoever may see an event sees them.
         return has_event_permission(request, "view") or has_event_permission(request, "change")
 
+    @admin.display(description=_("last error"))
+    def error_display(self, obj: HandlerOutcome) -> SafeString | str:
+        if not obj.last_error:
+            return "-"
+        if is_history(obj):
+            return format_html(
+                "<em>{}</em><br>{}", _("error of an earlier attempt:"), obj.last_error
+            )
+        return obj.last_error
+
     @admin.display(description=_("traceback"))
     def traceback_display(self, obj: HandlerOutcome) -> SafeString | str:
         if not obj.traceback:
@@ -149,9 +159,17 @@ class HandlerOutcomeInline(ReadOnlyMixin, InlineBase):
         # Stored tracebacks are already this long at most; a row written some other way
         # is cut the same way, keeping the first and the last exception.
         text = clip(obj.traceback, TRACEBACK_MAX_CHARS)
-        return format_html(
-            "<details><summary>{}</summary><pre>{}</pre></details>", _("show"), text
-        )
+        summary = _("show (earlier attempt)") if is_history(obj) else _("show")
+        return format_html("<details><summary>{}</summary><pre>{}</pre></details>", summary, text)
+
+
+def is_history(outcome: HandlerOutcome) -> bool:
+    """Whether the outcome's error is from an attempt before the one that succeeded.
+
+    A successful retry keeps the error of the failed attempt before it: it tells what went
+    wrong (and may again), but it is no longer the call's state.
+    """
+    return outcome.status == HandlerOutcome.Status.DONE
 
 
 @admin.register(EventRecord)
