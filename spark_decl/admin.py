@@ -20,11 +20,11 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 
+from .calls import TRACEBACK_MAX_CHARS, clip
 from .models import EventRecord, HandlerOutcome, done_at_claim_has
 from .retry import retry_records
 
 CONTEXT_PREVIEW_CHARS = 5_000
-TRACEBACK_PREVIEW_CHARS = 20_000
 # The filters' query parameters. Constants, because django-stubs declares
 # SimpleListFilter.parameter_name as ``str | None``.
 STATUS_PARAMETER = "status"
@@ -132,7 +132,7 @@ class HandlerOutcomeInline(ReadOnlyMixin, InlineBase):
         "created_at",
         "finished_at",
         "next_attempt_at",
-        "last_error",
+        "error_display",
         "traceback_display",
     )
     readonly_fields = fields
@@ -142,17 +142,34 @@ class HandlerOutcomeInline(ReadOnlyMixin, InlineBase):
         # Outcomes are part of the event: whoever may see an event sees them.
         return has_event_permission(request, "view") or has_event_permission(request, "change")
 
+    @admin.display(description=_("last error"))
+    def error_display(self, obj: HandlerOutcome) -> SafeString | str:
+        if not obj.last_error:
+            return "-"
+        if is_history(obj):
+            return format_html(
+                "<em>{}</em><br>{}", _("error of an earlier attempt:"), obj.last_error
+            )
+        return obj.last_error
+
     @admin.display(description=_("traceback"))
     def traceback_display(self, obj: HandlerOutcome) -> SafeString | str:
-        text = obj.traceback
-        if not text:
+        if not obj.traceback:
             return "-"
-        if len(text) > TRACEBACK_PREVIEW_CHARS:
-            # The end of a traceback is where the error is.
-            text = f"… ({len(text)} characters in all)\n{text[-TRACEBACK_PREVIEW_CHARS:]}"
-        return format_html(
-            "<details><summary>{}</summary><pre>{}</pre></details>", _("show"), text
-        )
+        # Stored tracebacks are already this long at most; a row written some other way
+        # is cut the same way, keeping the first and the last exception.
+        text = clip(obj.traceback, TRACEBACK_MAX_CHARS)
+        summary = _("show (earlier attempt)") if is_history(obj) else _("show")
+        return format_html("<details><summary>{}</summary><pre>{}</pre></details>", summary, text)
+
+
+def is_history(outcome: HandlerOutcome) -> bool:
+    """Whether the outcome's error is from an attempt before the one that succeeded.
+
+    A successful retry keeps the error of the failed attempt before it: it tells what went
+    wrong (and may again), but it is no longer the call's state.
+    """
+    return outcome.status == HandlerOutcome.Status.DONE
 
 
 @admin.register(EventRecord)

@@ -415,9 +415,67 @@ def record_failure(outcome_id: int, attempts: int, exc: Exception, *, using: str
     )
 
 
-def describe(exc: Exception) -> tuple[str, str]:
-    """A failed call's stored error message and traceback."""
-    return f"{type(exc).__name__}: {exc}"[:10_000], "".join(traceback.format_exception(exc))
+# A failure's stored text is bounded: a handler's exception can carry any amount of it (a
+# 600 KB traceback was seen), and each retry writes it again.
+ERROR_MAX_CHARS = 10_000
+TRACEBACK_MAX_CHARS = 50_000
+
+
+def describe(exc: BaseException) -> tuple[str, str]:
+    """A failed call's error message and traceback, as they are stored.
+
+    Never raises, and both can be stored in any text column, whatever the exception holds:
+    the message names the exception's type even when ``str(exc)`` raises (``<unprintable
+    ValueError: str() raised KeyError: 'x'>``), and both pass through :func:`storable`.
+    """
+    error = storable(exception_text(exc), ERROR_MAX_CHARS)
+    try:
+        trace = "".join(traceback.format_exception(exc))
+    except Exception as failure:
+        # format_exception() copes with str() raising; this is for whatever else a
+        # strange exception object can do to it.
+        trace = (
+            f"<the traceback of {exception_text(exc)} could not be formatted: "
+            f"{exception_text(failure)}>"
+        )
+    return error, storable(trace, TRACEBACK_MAX_CHARS)
+
+
+def exception_text(exc: BaseException) -> str:
+    """``"Type: message"``, or, when ``str(exc)`` raises, what stands for it."""
+    kind = type(exc).__name__
+    try:
+        return f"{kind}: {exc}"
+    except Exception as failure:
+        try:
+            reason = f"{type(failure).__name__}: {failure}"
+        except Exception:
+            reason = type(failure).__name__
+        return f"<unprintable {kind}: str() raised {reason}>"
+
+
+def storable(text: str, max_chars: int) -> str:
+    """``text`` as every database can store it, in at most ``max_chars`` characters.
+
+    NUL becomes ``\\x00`` (PostgreSQL refuses it in text) and a lone surrogate its
+    ``\\udcXX`` escape (what :func:`os.fsdecode` makes of undecodable bytes: no driver can
+    encode it to UTF-8); then :func:`clip` bounds it.
+    """
+    text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+    return clip(text, max_chars)
+
+
+def clip(text: str, max_chars: int) -> str:
+    """``text``, or, if it is longer than ``max_chars``, its head and its tail (where a
+    traceback's first and last exceptions are) around a line saying how much was cut."""
+    if len(text) <= max_chars:
+        return text
+    marker = "\n\n[... {:,} characters cut ...]\n\n"
+    # What is cut is less than the whole text, so its count is no longer than this one.
+    room = max_chars - len(marker.format(len(text)))
+    head = room // 2
+    tail = room - head
+    return text[:head] + marker.format(len(text) - room) + text[len(text) - tail :]
 
 
 def schedule_after_failure(attempts: int, now: datetime) -> tuple[str, datetime | None]:

@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import difflib
 import logging
-import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from itertools import chain, islice
 from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS, transaction
-from django.db.models import Exists, Func, OuterRef, Q, TextField
+from django.db.models import Count, Exists, Func, Min, OuterRef, Q, TextField
 from django.db.models.functions import Cast, Length
 from django.utils import timezone
 
-from .calls import PENDING, Call, CallRunner, schedule_after_failure
+from .calls import PENDING, Call, CallRunner, describe, schedule_after_failure
 from .claims import MAX_PARAMETERS
 from .conf import get_settings
 from .context import BATCH_BYTES, ContextUnavailable, load_stored_context
@@ -63,6 +62,15 @@ class RetryResult:
         for name in ("due", "succeeded", "failed", "skipped", "unknown_handler"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
+
+
+@dataclass(frozen=True)
+class WaitingCalls:
+    """The failed calls that are not due yet: ``count`` of them, the first due at
+    ``next_due_at`` (``None`` when there are none)."""
+
+    count: int
+    next_due_at: datetime | None
 
 
 @dataclass
@@ -162,6 +170,28 @@ def due_outcomes(
         queryset = queryset.filter(record__in=records.order_by().values("pk"))
     # The contexts are read by retry_outcomes, a bounded number of bytes at a time.
     return queryset.select_related("record").defer("record__context").order_by("pk")
+
+
+def waiting_calls(
+    *, group: str | None = None, handler: str | None = None, using: str = DEFAULT_DB_ALIAS
+) -> WaitingCalls:
+    """The failed calls that wait out their backoff (a retry without ``ignore_schedule``
+    leaves them alone), among those ``group`` and ``handler`` select as in
+    :func:`due_outcomes`."""
+    from .models import HandlerOutcome
+
+    # The condition of spark_decl_due_idx first, as in due_outcomes.
+    waiting = HandlerOutcome.objects.using(using).filter(
+        ~Q(status=HandlerOutcome.Status.DONE),
+        status=HandlerOutcome.Status.FAILED,
+        next_attempt_at__gt=timezone.now(),
+    )
+    if handler is not None:
+        waiting = waiting.filter(handler=handler)
+    if group is not None:
+        waiting = waiting.filter(record__group__in=matching_groups(group, using=using))
+    found = waiting.order_by().aggregate(count=Count("pk"), next_due_at=Min("next_attempt_at"))
+    return WaitingCalls(count=found["count"], next_due_at=found["next_due_at"])
 
 
 def retry_outcomes(
@@ -371,11 +401,12 @@ def record_unavailable(outcome: HandlerOutcome, exc: Exception, *, using: str) -
     now = timezone.now()
     attempts = outcome.attempts + 1
     status, next_attempt_at = schedule_after_failure(attempts, now)
+    error, trace = describe(exc)
     HandlerOutcome.objects.using(using).filter(pk=outcome.pk, attempts=outcome.attempts).update(
         status=status,
         next_attempt_at=next_attempt_at,
         attempts=attempts,
-        last_error=f"{type(exc).__name__}: {exc}",
-        traceback="".join(traceback.format_exception(exc)),
+        last_error=error,
+        traceback=trace,
     )
     logger.error("Cannot retry %s for event %r: %s", outcome.handler, outcome.record.key, exc)

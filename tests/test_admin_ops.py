@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from io import StringIO
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 from django.contrib.auth.models import Permission, User
+from django.core.management import call_command
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -16,7 +18,8 @@ from django.utils.html import escape
 from pytest_django import Settings
 
 from spark_decl import Event, event, handles, only_new_events, process_events
-from spark_decl.admin import CONTEXT_PREVIEW_CHARS, TRACEBACK_PREVIEW_CHARS
+from spark_decl.admin import CONTEXT_PREVIEW_CHARS
+from spark_decl.calls import TRACEBACK_MAX_CHARS
 from spark_decl.dispatch import claim_and_dispatch
 from spark_decl.models import EventRecord, HandlerOutcome, done_at_claim_has
 from spark_decl.registry import Registry, function_name
@@ -189,16 +192,47 @@ def test_the_change_page_shows_each_outcome_with_its_traceback(
     assert 'name="_save"' not in content
 
 
-def test_a_huge_traceback_is_shown_truncated_from_the_end(
+def test_the_error_of_a_call_done_since_is_shown_as_an_earlier_attempts_error(
+    admin_client: Client, broken: Broken
+) -> None:
+    broken.broken = False
+    call_command("retry_spark_events", "--group", "^order_placed$", stdout=StringIO())
+    placed, paid = (EventRecord.objects.get(key=k) for k in ("order_placed_1", "order_paid_2"))
+    done = HandlerOutcome.objects.get(record=placed, handler=broken.mailer)
+    # Kept: what went wrong before the retry succeeded.
+    assert (done.status, done.attempts) == ("done", 2)
+    assert done.last_error == "ConnectionError: SMTP down for order_placed_1"
+
+    content = admin_client.get(change_url(placed)).content.decode()
+    assert re.search(
+        r"error of an earlier attempt:.*ConnectionError: SMTP down for order_placed_1",
+        content,
+        re.S,
+    )
+    assert "<summary>show (earlier attempt)</summary>" in content
+    # A call failing now is shown as failing.
+    content = admin_client.get(change_url(paid)).content.decode()
+    assert "ConnectionError: SMTP down for order_paid_2" in content
+    assert "earlier attempt" not in content
+    assert "<summary>show</summary>" in content
+
+    # The list counts the call as done, and the "failed" filter leaves its event out.
+    listed = admin_client.get(f"{CHANGELIST}?q=order_placed_1").content.decode()
+    assert '<td class="field-outcome_summary">2/2 done</td>' in listed
+    assert keys(admin_client, "?status=failed") == ["order_paid_2"]
+
+
+def test_a_huge_traceback_is_shown_with_its_head_and_tail(
     admin_client: Client, broken: Broken
 ) -> None:
     record = EventRecord.objects.get(key="order_placed_1")
     huge = "Traceback (most recent call last):\n" + "  frame\n" * 200_000 + "ValueError: end"
     HandlerOutcome.objects.filter(record=record, handler=broken.mailer).update(traceback=huge)
     content = admin_client.get(change_url(record)).content.decode()
-    assert f"… ({len(huge)} characters in all)" in content
-    assert "ValueError: end" in content
-    assert len(content) < TRACEBACK_PREVIEW_CHARS + 100_000
+    assert re.search(r"<pre>Traceback \(most recent call last\):\n  frame\n", content)
+    assert re.search(r"\[\.\.\. [\d,]+ characters cut \.\.\.\]", content)
+    assert "ValueError: end</pre>" in content
+    assert len(content) < TRACEBACK_MAX_CHARS + 100_000
 
 
 def test_a_megabyte_of_context_renders_truncated(admin_client: Client, db: None) -> None:

@@ -15,8 +15,8 @@ from pytest_django import DjangoAssertNumQueries
 from spark_decl import Event, event, event_source, handles, only_new_events, process_events
 from spark_decl.dispatch import claim_and_dispatch
 from spark_decl.inspection import inspect_spark
-from spark_decl.models import EventRecord
-from spark_decl.registry import Registry, registry
+from spark_decl.models import EventRecord, HandlerOutcome
+from spark_decl.registry import Registry, function_name, registry
 from spark_decl.signals import event_dispatched, handler_failed
 from tests.conftest import CHALLENGE_HANDLER
 from tests.testapp.models import Challenge, Donation
@@ -301,3 +301,33 @@ def test_nothing_registered_nothing_stored(isolated_registry: Registry) -> None:
     assert "Handlers (0), in the order they run\n  none registered\n" in text
     assert "Stored groups no handler matches (0)\n  none\n" in text
     assert "not registered" not in text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_call_done_since_it_failed_counts_as_done_without_its_old_error(
+    isolated_registry: Registry,
+) -> None:
+    broken = [True]
+
+    @handles(r"^donation_")
+    def flaky_donations(event: Event[Any]) -> None:
+        if broken[0]:
+            raise RuntimeError("no donations today")
+
+    Donation.objects.create(challenge=Challenge.objects.create(title="x"))
+    broken[0] = False
+    call_command("retry_spark_events", stdout=StringIO())
+    assert HandlerOutcome.objects.get(handler=function_name(flaky_donations)).last_error
+
+    document = json.loads(inspect("--json"))
+    (handler,) = (h for h in document["handlers"] if h["name"] == function_name(flaky_donations))
+    assert handler["outcomes"] == {**ZERO, "done": 1}
+    assert "no donations today" not in json.dumps(document)
+    text = inspect()
+    assert (
+        f"  {function_name(flaky_donations)}\n"
+        "    patterns: ^donation_\n"
+        "    runs: in process\n"
+        "    calls: 0 pending, 1 done, 0 failed, 0 given up\n"
+    ) in text
+    assert "no donations today" not in text

@@ -169,6 +169,77 @@ def test_a_failed_call_becomes_due_when_its_backoff_has_passed(
     assert outcome_of(flaky.name).status == HandlerOutcome.Status.DONE
 
 
+def waiting_line(output: str) -> str:
+    lines = output.splitlines()
+    assert len(lines) == 2, output
+    return lines[1]
+
+
+def printed_time(line: str) -> dt.datetime:
+    found = re.search(r"due at (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC \(in ", line)
+    assert found is not None, line
+    return dt.datetime.fromisoformat(found.group(1)).replace(tzinfo=dt.UTC)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retry_says_how_many_failed_calls_wait_and_when_the_next_is_due(
+    flaky: Flaky, settings: Settings
+) -> None:
+    settings.SPARK_DECL = {"BACKOFF_SECONDS": 600}
+    Challenge.objects.create(title="x")
+    Challenge.objects.create(title="y")
+    # The second attempts fail and wait 600 s.
+    output = retry()
+    assert output.startswith("2 due, 0 succeeded, 2 failed")
+    assert re.fullmatch(
+        r"2 failed calls wait out their backoff, the next due at .+ \(in (9|10) min\); "
+        r"--all runs them now\.",
+        waiting_line(output),
+    )
+
+    soon = timezone.now() + dt.timedelta(seconds=45)
+    first, second = HandlerOutcome.objects.filter(handler=flaky.name)
+    HandlerOutcome.objects.filter(pk=second.pk).update(next_attempt_at=soon)
+    line = waiting_line(retry())
+    assert re.fullmatch(
+        r"2 failed calls wait out their backoff, the next due at .+ \(in 4[45] s\); "
+        r"--all runs them now\.",
+        line,
+    )
+    assert abs(printed_time(line) - soon) < dt.timedelta(seconds=1)
+
+    HandlerOutcome.objects.filter(pk=first.pk).update(
+        next_attempt_at=timezone.now() + dt.timedelta(hours=5)
+    )
+    HandlerOutcome.objects.filter(pk=second.pk).update(status=HandlerOutcome.Status.DONE)
+    line = waiting_line(retry())
+    assert re.fullmatch(
+        r"1 failed call waits out its backoff, due at .+ \(in 5 h\); --all runs it now\.",
+        line,
+    )
+
+    flaky.broken = False
+    assert retry("--all") == (
+        "1 due, 1 succeeded, 0 failed, 0 skipped (done elsewhere), 0 with no registered handler\n"
+    )
+    assert len(retry().splitlines()) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_waiting_calls_are_reported_without_time_zone_support(
+    flaky: Flaky, settings: Settings
+) -> None:
+    settings.USE_TZ = False
+    settings.SPARK_DECL = {"BACKOFF_SECONDS": 600}
+    Challenge.objects.create(title="x")
+    retry()
+    assert re.fullmatch(
+        r"1 failed call waits out its backoff, due at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+        r"\(in (9|10) min\); --all runs it now\.",
+        waiting_line(retry()),
+    )
+
+
 @pytest.mark.django_db(transaction=True)
 def test_retry_rebuilds_the_context_from_storage(flaky: Flaky) -> None:
     challenge = Challenge.objects.create(title="before")
@@ -356,6 +427,23 @@ def test_the_group_filter_is_a_python_regex_on_every_database(
     assert retry("--group", r"(?P<kind>created)$").startswith("2 due")
     assert retry("--all", "--group", r"(?<=challenge_)ended").startswith("2 due")
     assert retry("--group", "^nothing$").startswith("0 due")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_waiting_calls_retry_reports_are_those_its_filters_select(
+    two_failing: tuple[str, str], settings: Settings
+) -> None:
+    settings.SPARK_DECL = {"BACKOFF_SECONDS": 600}
+    anything_fails = two_failing[1]
+    process_events(only_new_events([event("challenge_created", 1), event("donation_x", 2)]))
+    retry()  # the second attempts: 3 calls now wait
+
+    assert waiting_line(retry()).startswith("3 failed calls wait")
+    assert waiting_line(retry("--handler", anything_fails)).startswith("2 failed calls wait")
+    assert waiting_line(retry("--group", "^donation_")).startswith("1 failed call waits")
+    assert len(retry("--group", "^nothing$").splitlines()) == 1
+    # --all runs every failed call: none is left waiting to mention.
+    assert len(retry("--all").splitlines()) == 1
 
 
 @pytest.mark.django_db

@@ -3,16 +3,21 @@ old events to a handler added later."""
 
 from __future__ import annotations
 
+import math
+from datetime import datetime
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
 
 from spark_decl.exceptions import InvalidPattern, UnknownHandler
 from spark_decl.retry import (
     DEFAULT_STALE_AFTER,
     ReplayResult,
+    WaitingCalls,
     replay_events,
     retry_events,
+    waiting_calls,
 )
 
 
@@ -134,6 +139,25 @@ class Command(BaseCommand):
             f"{result.skipped} skipped (done elsewhere), "
             f"{result.unknown_handler} with no registered handler"
         )
+        if not ignore_schedule:
+            self._report_waiting(waiting_calls(group=group, handler=handler))
+
+    def _report_waiting(self, waiting: WaitingCalls) -> None:
+        # "0 due" alone reads as "nothing failed" while failed calls wait out their backoff.
+        due = waiting.next_due_at
+        if due is None:
+            return
+        # Without USE_TZ the stored times are naive, in TIME_ZONE already.
+        at = timezone.localtime(due) if timezone.is_aware(due) else due
+        when = f"{at.strftime('%Y-%m-%d %H:%M:%S %Z').rstrip()} (in {time_until(due)})"
+        if waiting.count == 1:
+            text = f"1 failed call waits out its backoff, due at {when}; --all runs it now."
+        else:
+            text = (
+                f"{waiting.count} failed calls wait out their backoff, the next due at "
+                f"{when}; --all runs them now."
+            )
+        self.stdout.write(text)
 
     def _report_replay(self, result: ReplayResult, group: str) -> None:
         run = result.run
@@ -151,3 +175,13 @@ class Command(BaseCommand):
                 "Not replayed, the handler's patterns do not match them: "
                 + ", ".join(result.unrouted_groups)
             )
+
+
+def time_until(moment: datetime) -> str:
+    """``"45 s"``, ``"10 min"``, ``"3 h"``: how long until ``moment``, roughly."""
+    seconds = max(1, math.ceil((moment - timezone.now()).total_seconds()))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 120 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{round(seconds / 3600)} h"
