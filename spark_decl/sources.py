@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS
 
+from .calls import exception_text
 from .claims import claim_events, seen_keys
 from .conf import get_settings
 from .context import dump_context_json
@@ -125,7 +126,11 @@ class SkippedInstances:
         self.messages: list[str] = []
 
     def __call__(self, instance: Model, source: SourceSpec, exc: Exception) -> None:
-        message = f"{source.name} failed for {instance._meta.label} pk={instance.pk}: {exc}"
+        try:
+            reason = str(exc)
+        except Exception:  # an exception whose str() raises must not end the batch
+            reason = exception_text(exc)
+        message = f"{source.name} failed for {instance._meta.label} pk={instance.pk}: {reason}"
         self.messages.append(message)
         logger.error("Source %s", message, exc_info=exc)
 

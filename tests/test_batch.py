@@ -856,3 +856,28 @@ def test_a_chunk_of_large_contexts_is_claimed_in_statements_bounded_by_bytes(
     # 36 MB of contexts, at most MAX_STATEMENT_BYTES (16 MiB) in each statement.
     assert len(claims) == 3
     assert len(claimed_keys()) == 12
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise TypeError("no text")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_source_raising_an_exception_whose_str_raises_is_skipped_like_any_other(
+    bare_registry: Registry,
+) -> None:
+    @event_source(Challenge, on_save=False)
+    def moody(challenge: Challenge) -> Iterator[Event[dict[str, Any]]]:
+        if challenge.title == "bad":
+            raise Unprintable
+        yield event("moody", challenge.pk)
+
+    good, bad = Challenge.objects.bulk_create(Challenge(title=t) for t in ("good", "bad"))
+    with pytest.raises(CommandError) as excinfo:
+        run()
+    assert (
+        f"pk={bad.pk}: <unprintable Unprintable: str() raised TypeError: no text>"
+        in str(excinfo.value)
+    )
+    assert claimed_keys() == {f"moody_{good.pk}"}
