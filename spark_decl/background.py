@@ -54,6 +54,9 @@ MISSING_FRAMEWORK = (
     "install the django-tasks backport (pip install 'spark-decl[backport]')."
 )
 
+# django-tasks-db's backend, named rather than imported (see is_database_backend).
+DATABASE_BACKEND = "django_tasks_db.backend.DatabaseBackend"
+
 TaskName = Literal["run_background_handler", "process_source_chunk"]
 
 
@@ -78,12 +81,35 @@ def get_backend() -> BaseTaskBackend:
         raise BackgroundUnavailable(MISSING_FRAMEWORK) from exc
     alias = get_settings().TASK_BACKEND
     try:
-        return task_backends[alias]
+        backend = task_backends[alias]
     except InvalidTaskBackend as exc:
         raise BackgroundUnavailable(
             f"SPARK_DECL['TASK_BACKEND'] is {alias!r}, which the TASKS setting does not "
             f"configure properly: {exc}"
         ) from exc
+    if is_database_backend(backend) and not apps.is_installed("django_tasks_db"):
+        # Its models cannot even be imported then: say so before a save gets that far.
+        raise BackgroundUnavailable(
+            f"The task backend {alias!r} is {class_path(backend)}, but 'django_tasks_db' "
+            "is not in INSTALLED_APPS: add it, then run manage.py migrate."
+        )
+    return backend
+
+
+def class_path(backend: BaseTaskBackend) -> str:
+    return f"{type(backend).__module__}.{type(backend).__qualname__}"
+
+
+def is_database_backend(backend: BaseTaskBackend) -> bool:
+    """Whether ``backend`` is django-tasks-db's ``DatabaseBackend`` (or a subclass).
+
+    Decided from the configured backend's class, never by importing django_tasks_db:
+    installed is not configured, and its models cannot be imported unless its app is in
+    ``INSTALLED_APPS``.
+    """
+    return any(
+        f"{cls.__module__}.{cls.__qualname__}" == DATABASE_BACKEND for cls in type(backend).__mro__
+    )
 
 
 def get_task(name: TaskName) -> Task[..., Any]:
@@ -113,14 +139,11 @@ def get_task(name: TaskName) -> Task[..., Any]:
 def enqueues_with_claims(using: str) -> bool:
     """Whether the task backend stores tasks in the database ``using`` (django-tasks-db),
     so that tasks can be written in the claiming transaction."""
-    try:
-        from django_tasks_db.backend import DatabaseBackend
-        from django_tasks_db.models import DBTaskResult
-    except (ImportError, ValueError):  # not installed, or no tasks framework under it
+    if not is_database_backend(get_backend()):
         return False
-    return isinstance(get_backend(), DatabaseBackend) and router.db_for_write(DBTaskResult) == (
-        using
-    )
+    from django_tasks_db.models import DBTaskResult
+
+    return router.db_for_write(DBTaskResult) == using
 
 
 # -- the saving side ---------------------------------------------------------------------------
