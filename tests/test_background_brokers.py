@@ -1,20 +1,28 @@
 """Background work on backends that talk to a broker: RQ through django-tasks-rq (the real
-client against a port nothing listens on, and a socket that never answers), and
-``SocketBroker`` below, a backend whose ``enqueue`` waits for a TCP answer as RQ's and
-Celery's clients do, for the Python/Django versions django-tasks-rq does not serve.
+client against a real ``redis-server``, a port nothing listens on, and a socket that never
+answers), and ``SocketBroker`` below, a backend whose ``enqueue`` waits for a TCP answer as
+RQ's and Celery's clients do, for the Python/Django versions django-tasks-rq does not
+serve.
+
+The ``redis-server`` these tests start is a throwaway one, on a free port, stopped by pid.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import CommandError, call_command
 from django.http import HttpRequest, HttpResponse
@@ -23,11 +31,13 @@ from django.urls import path
 
 from spark_decl import Event, handles
 from spark_decl._tasks import BaseTaskBackend, DummyBackend, TaskResult
+from spark_decl.background import get_task
 from spark_decl.conf import get_settings
 from spark_decl.models import HandlerOutcome
 from spark_decl.registry import Registry
 from tests import workers
 from tests.testapp.models import Challenge, HandlerLog
+from tests.workers import Workers, assert_all_handled_once, key
 
 NOTIFY = "tests.test_background_brokers.notify"
 RQ_BACKEND = "django_tasks_rq.backend.RQBackend"
@@ -78,6 +88,47 @@ def silent_broker() -> Iterator[int]:
         hang_up.cancel()
         # Resets the connections still waiting: the threads stuck on them end.
         listener.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[int]:
+    """A throwaway ``redis-server`` on a free port; its port. Stopped by its pid."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server binary (Debian: apt-get install redis-server)")
+    port = free_port()
+    log = tmp_path / "redis.log"
+    with log.open("w") as out:
+        # Nothing persisted: --save "" and no append-only file.
+        options = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        process = subprocess.Popen(
+            [binary, "--port", str(port), *options, "--dir", str(tmp_path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + workers.TIMEOUT
+        while not answers_ping(port):
+            assert process.poll() is None, f"redis-server exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"redis-server never answered:\n{log.read_text()}"
+            time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 # -- backends -------------------------------------------------------------------------------
@@ -304,3 +355,63 @@ def test_a_task_a_late_broker_takes_after_the_retry_does_not_run_the_call_again(
     assert task.kwargs == {"handler": NOTIFY, "key": key}
     assert task.task.call(**task.kwargs) == "skipped"
     assert notified() == [key]
+
+
+# -- a real RQ worker ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rq_pool(
+    tmp_path: Path, transactional_db: None, isolated_registry: Registry, redis_server: int
+) -> Iterator[tuple[Workers, dict[str, Any]]]:
+    """tests/workers.py's handlers as background handlers, here and in worker processes
+    configured for RQ on ``redis_server`` (with django_rq, without django_tasks_db)."""
+    pytest.importorskip("django_tasks_rq", reason=RQ_MISSING)
+    rq = rq_settings(redis_server)
+    apps = [app for app in settings.INSTALLED_APPS if app != "django_tasks_db"]
+    isolated_registry.clear()
+    workers.register(Challenge, workers.HANDLERS, background=True)
+    pool = Workers(
+        tmp_path, background=True, django_settings={**rq, "INSTALLED_APPS": [*apps, "django_rq"]}
+    )
+    try:
+        yield pool, rq
+    finally:
+        pool.stop_all()
+        workers.PLAN.with_instance = False
+
+
+RQ_WORKER = ("command", "rqworker", "--burst", "--job-class", "django_tasks_rq.Job", "default")
+
+
+def test_a_real_rq_worker_runs_each_background_call_of_a_save_once(
+    rq_pool: tuple[Workers, dict[str, Any]],
+) -> None:
+    pool, rq = rq_pool
+    with override_settings(**rq):
+        saved = [Challenge.objects.create(title=f"saved {n}") for n in range(3)]
+    pks = [challenge.pk for challenge in saved]
+    # Enqueued in Redis; nothing ran in this process.
+    assert set(HandlerOutcome.objects.values_list("status", flat=True)) == {"pending"}
+    assert not HandlerLog.objects.exists()
+    for pk in pks:
+        Challenge.objects.filter(pk=pk).update(title=f"fresh {pk}")
+
+    pool.start(*RQ_WORKER).succeed()
+
+    assert_all_handled_once(pks)
+    logs = HandlerLog.objects.all()
+    assert os.getpid() not in {log.pid for log in logs}
+    assert {(log.key, log.detail) for log in logs} == {(key(pk), f"fresh {pk}") for pk in pks}
+
+    # The same tasks delivered again: the calls are done, nothing runs twice.
+    with override_settings(**rq):
+        task = get_task("run_background_handler")
+        results = [
+            task.enqueue(handler=f"tests.workers.{handler}", key=key(pk))
+            for pk in pks
+            for handler in workers.HANDLERS
+        ]
+        pool.start(*RQ_WORKER).succeed()
+        assert {task.get_result(result.id).return_value for result in results} == {"skipped"}
+    assert_all_handled_once(pks)
