@@ -17,6 +17,14 @@ When a call is enqueued:
   none). A backend that fails then is logged; the call stays ``pending`` and
   ``retry_spark_events --stale-after`` runs it.
 
+How long enqueueing may take: the framework's in-process backends (``ImmediateBackend``,
+``DummyBackend``) and django-tasks-db's (an ``INSERT``) enqueue in the calling thread.
+Every other backend is taken to talk to a broker (RQ, Celery), whose client may wait for
+ever on a broker that accepts connections and never answers: it enqueues in a daemon
+thread, and the caller waits at most ``SPARK_DECL["ENQUEUE_TIMEOUT"]``. A call whose task
+was not taken by then stays ``pending``; if the thread gets it through later, the task
+still runs the call at most once (the outcome row's conditional ``UPDATE``).
+
 A worker that dies mid-task leaves the call ``pending`` (its transaction rolled back), so
 ``retry_spark_events --stale-after`` finishes it too, in the retrying process; a call
 that was done is never run again.
@@ -25,6 +33,7 @@ that was done is never run again.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from functools import partial
@@ -32,12 +41,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from django.apps import apps
 from django.core.checks import Error, Warning, register
-from django.db import DEFAULT_DB_ALIAS, router, transaction
+from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
 
 from .calls import PENDING, Call, CallRunner, report_failure
 from .conf import get_settings
 from .context import ContextUnavailable, dump_context, load_context
-from .exceptions import BackgroundUnavailable, SparkError
+from .exceptions import BackgroundUnavailable, EnqueueFailed, SparkError
 from .registry import registry
 
 if TYPE_CHECKING:
@@ -53,6 +62,9 @@ MISSING_FRAMEWORK = (
     "Django's tasks framework is not installed: it is part of Django >= 6.0; on Django 5.2 "
     "install the django-tasks backport (pip install 'spark-decl[backport]')."
 )
+
+# django-tasks-db's backend, named rather than imported (see is_database_backend).
+DATABASE_BACKEND = "django_tasks_db.backend.DatabaseBackend"
 
 TaskName = Literal["run_background_handler", "process_source_chunk"]
 
@@ -78,12 +90,51 @@ def get_backend() -> BaseTaskBackend:
         raise BackgroundUnavailable(MISSING_FRAMEWORK) from exc
     alias = get_settings().TASK_BACKEND
     try:
-        return task_backends[alias]
+        backend = task_backends[alias]
     except InvalidTaskBackend as exc:
         raise BackgroundUnavailable(
             f"SPARK_DECL['TASK_BACKEND'] is {alias!r}, which the TASKS setting does not "
             f"configure properly: {exc}"
         ) from exc
+    if is_database_backend(backend) and not apps.is_installed("django_tasks_db"):
+        # Its models cannot even be imported then: say so before a save gets that far.
+        raise BackgroundUnavailable(
+            f"The task backend {alias!r} is {class_path(backend)}, but 'django_tasks_db' "
+            "is not in INSTALLED_APPS: add it, then run manage.py migrate."
+        )
+    return backend
+
+
+def class_path(backend: BaseTaskBackend) -> str:
+    return f"{type(backend).__module__}.{type(backend).__qualname__}"
+
+
+def describe_backend(backend: BaseTaskBackend) -> str:
+    """How errors name a backend: its alias in ``TASKS`` and its class."""
+    return f"task backend {backend.alias!r} ({class_path(backend)})"
+
+
+def is_database_backend(backend: BaseTaskBackend) -> bool:
+    """Whether ``backend`` is django-tasks-db's ``DatabaseBackend`` (or a subclass).
+
+    Decided from the configured backend's class, never by importing django_tasks_db:
+    installed is not configured, and its models cannot be imported unless its app is in
+    ``INSTALLED_APPS``.
+    """
+    return any(
+        f"{cls.__module__}.{cls.__qualname__}" == DATABASE_BACKEND for cls in type(backend).__mro__
+    )
+
+
+def enqueues_in_process(backend: BaseTaskBackend) -> bool:
+    """Whether enqueueing on ``backend`` cannot wait on a broker, so it runs in the calling
+    thread: the framework's ``ImmediateBackend`` and ``DummyBackend`` (memory; a test's
+    ``DummyBackend`` must see its results in the test's thread) and django-tasks-db's (an
+    ``INSERT``, which must join the claiming transaction). Any other backend may talk to a
+    broker over the network, and is given at most ``SPARK_DECL["ENQUEUE_TIMEOUT"]``."""
+    from ._tasks import DummyBackend, ImmediateBackend
+
+    return isinstance(backend, ImmediateBackend | DummyBackend) or is_database_backend(backend)
 
 
 def get_task(name: TaskName) -> Task[..., Any]:
@@ -113,14 +164,56 @@ def get_task(name: TaskName) -> Task[..., Any]:
 def enqueues_with_claims(using: str) -> bool:
     """Whether the task backend stores tasks in the database ``using`` (django-tasks-db),
     so that tasks can be written in the claiming transaction."""
-    try:
-        from django_tasks_db.backend import DatabaseBackend
-        from django_tasks_db.models import DBTaskResult
-    except (ImportError, ValueError):  # not installed, or no tasks framework under it
+    if not is_database_backend(get_backend()):
         return False
-    return isinstance(get_backend(), DatabaseBackend) and router.db_for_write(DBTaskResult) == (
-        using
+    from django_tasks_db.models import DBTaskResult
+
+    return router.db_for_write(DBTaskResult) == using
+
+
+def enqueue_within_bound(backend: BaseTaskBackend, work: Callable[[], object]) -> None:
+    """Run ``work``, which enqueues on ``backend``: here for a backend that enqueues in
+    process, else in a daemon thread waited for at most ``SPARK_DECL["ENQUEUE_TIMEOUT"]``.
+
+    Raises :class:`~spark_decl.exceptions.EnqueueFailed`, naming the backend, if ``work``
+    raised or did not finish in time (it then goes on in its thread: a broker that answers
+    late still gets the task). A daemon thread never keeps the process from exiting.
+    """
+    if enqueues_in_process(backend):
+        try:
+            work()
+        except Exception as exc:
+            raise EnqueueFailed(
+                f"The {describe_backend(backend)} could not enqueue: {type(exc).__name__}: {exc}"
+            ) from exc
+        return
+    timeout = get_settings().ENQUEUE_TIMEOUT
+    raised: list[Exception] = []
+
+    def run() -> None:
+        try:
+            work()
+        except Exception as exc:
+            raised.append(exc)
+        finally:
+            # A backend that used the database did it on this thread's own connection.
+            connections.close_all()
+
+    thread = threading.Thread(
+        target=run, name=f"spark_decl enqueue on {backend.alias}", daemon=True
     )
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise EnqueueFailed(
+            f"The {describe_backend(backend)} did not enqueue within {timeout:g} s "
+            "(SPARK_DECL['ENQUEUE_TIMEOUT']): its broker does not answer."
+        )
+    if raised:
+        error = raised[0]
+        raise EnqueueFailed(
+            f"The {describe_backend(backend)} could not enqueue: {type(error).__name__}: {error}"
+        ) from error
 
 
 # -- the saving side ---------------------------------------------------------------------------
@@ -149,36 +242,65 @@ def submit(calls: Sequence[Call], *, using: str) -> int:
 
 def _enqueue(task: Task[..., Any], calls: Sequence[Call], *, using: str, robust: bool) -> int:
     """Enqueue each call. ``robust``: a call that cannot be enqueued is logged (a recorded
-    one stays pending for ``retry_spark_events``) and the others still are."""
-    enqueued = 0
-    for call in calls:
-        kwargs: dict[str, Any] = {"handler": call.spec.name, "key": call.event["key"]}
-        if call.outcome_id is None:
-            # Not claimed, so not stored: the worker gets the event itself.
-            kwargs["event"] = {
-                "group": call.event["group"],
-                "context": dump_context(call.event["context"], key=call.event["key"]),
-            }
-        if using != DEFAULT_DB_ALIAS:
-            kwargs["database"] = using
-        try:
-            task.enqueue(**kwargs)
-        except Exception as exc:
-            if not robust:
-                raise
-            if call.outcome_id is None:
-                report_failure(call.spec, call.event, exc)
+    one stays pending for ``retry_spark_events``) and the others still are. All of them
+    together wait at most ``SPARK_DECL["ENQUEUE_TIMEOUT"]`` for a broker."""
+    backend = task.get_backend()
+    # Built here: a thread given up on must not be left reading the events' contexts.
+    arguments = [_task_kwargs(call, using) for call in calls]
+    # One entry per call, in order, as each is settled: None once enqueued, else why not.
+    settled: list[Exception | None] = []
+
+    def enqueue_each() -> None:
+        for kwargs in arguments:
+            try:
+                task.enqueue(**kwargs)
+            except Exception as exc:
+                if not robust:
+                    raise
+                settled.append(exc)
             else:
-                logger.error(
-                    "Could not enqueue %s for event %r; the call stays pending and "
-                    "retry_spark_events --stale-after runs it.",
-                    call.spec.name,
-                    call.event["key"],
-                    exc_info=exc,
-                )
-        else:
+                settled.append(None)
+
+    if not robust:
+        # The outbox: an error belongs to the claiming transaction, which it rolls back.
+        enqueue_each()
+        return len(calls)
+    unsettled: EnqueueFailed | None = None
+    try:
+        enqueue_within_bound(backend, enqueue_each)
+    except EnqueueFailed as exc:  # only a timeout: enqueue_each keeps what raised
+        unsettled = exc
+    outcomes = settled[:]  # the thread may still be appending to the original
+    enqueued = 0
+    for index, call in enumerate(calls):
+        error = outcomes[index] if index < len(outcomes) else unsettled
+        if error is None:
             enqueued += 1
+        elif call.outcome_id is None:
+            report_failure(call.spec, call.event, error)
+        else:
+            logger.error(
+                "Could not enqueue %s for event %r on the %s; the call stays pending and "
+                "retry_spark_events --stale-after runs it.",
+                call.spec.name,
+                call.event["key"],
+                describe_backend(backend),
+                exc_info=error,
+            )
     return enqueued
+
+
+def _task_kwargs(call: Call, using: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"handler": call.spec.name, "key": call.event["key"]}
+    if call.outcome_id is None:
+        # Not claimed, so not stored: the worker gets the event itself.
+        kwargs["event"] = {
+            "group": call.event["group"],
+            "context": dump_context(call.event["context"], key=call.event["key"]),
+        }
+    if using != DEFAULT_DB_ALIAS:
+        kwargs["database"] = using
+    return kwargs
 
 
 def check_enqueueable(event: Event[Any]) -> None:
@@ -258,10 +380,14 @@ def enqueue_chunks(
     """Split the rows each group of ``model``'s sources scans into ranges of
     ``chunk_size`` primary keys and enqueue one :func:`~spark_decl.tasks.process_source_chunk`
     per range; returns the number of tasks. The last range is open-ended, so rows created
-    meanwhile are included. Reads one primary key per chunk."""
+    meanwhile are included. Reads one primary key per chunk.
+
+    Raises :class:`~spark_decl.exceptions.EnqueueFailed` if the backend refuses a task or
+    does not take it within ``SPARK_DECL["ENQUEUE_TIMEOUT"]``."""
     from .sources import source_querysets
 
     task = get_task("process_source_chunk")
+    backend = task.get_backend()
     outbox = enqueues_with_claims(using)
     enqueued = 0
     for queryset, specs in source_querysets(model):
@@ -285,7 +411,7 @@ def enqueue_chunks(
                 }
                 if using != DEFAULT_DB_ALIAS:
                     kwargs["database"] = using
-                task.enqueue(**kwargs)
+                enqueue_within_bound(backend, partial(task.enqueue, **kwargs))
                 enqueued += 1
                 if on_chunk is not None:
                     on_chunk(enqueued)

@@ -28,6 +28,11 @@ DEFAULTS: dict[str, float | str] = {
     # --enqueue`` chunks are enqueued on this backend of Django's TASKS setting, in this queue.
     "TASK_BACKEND": "default",
     "TASK_QUEUE": "default",
+    # The longest a save (once its transaction commits) or ``process_spark_sources
+    # --enqueue`` waits for a backend that talks to a broker (RQ, Celery) to take its tasks:
+    # a broker that never answers must not hang a request. Calls not taken by then stay
+    # pending for ``retry_spark_events --stale-after``.
+    "ENQUEUE_TIMEOUT": 5.0,
 }
 
 
@@ -40,6 +45,7 @@ class SparkSettings:
     TRANSACTION_SECONDS: float
     TASK_BACKEND: str
     TASK_QUEUE: str
+    ENQUEUE_TIMEOUT: float
 
 
 @cache
@@ -68,6 +74,11 @@ def get_settings() -> SparkSettings:
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ImproperlyConfigured(
                     f"SPARK_DECL[{name!r}] must be a number of seconds >= 0, got {value!r}."
+                )
+        elif name == "ENQUEUE_TIMEOUT":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ImproperlyConfigured(
+                    f"SPARK_DECL[{name!r}] must be a number of seconds > 0, got {value!r}."
                 )
         elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ImproperlyConfigured(

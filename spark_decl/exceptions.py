@@ -46,3 +46,13 @@ class BackgroundUnavailable(SparkError, ImproperlyConfigured):
     """A background handler or ``--enqueue`` needs Django's tasks framework, and it is
     missing or misconfigured (no ``django.tasks``/``django-tasks``, an unknown
     ``SPARK_DECL["TASK_BACKEND"]``, a queue the backend does not serve)."""
+
+
+class EnqueueFailed(SparkError):
+    """A task backend did not take a task: its ``enqueue`` raised (a broker refusing
+    connections), or did not return within ``SPARK_DECL["ENQUEUE_TIMEOUT"]`` (a broker that
+    never answers). The message names the backend's alias and class.
+
+    ``process_spark_sources --enqueue`` turns it into a ``CommandError``. After a save it is
+    only logged: the call stays pending for ``retry_spark_events --stale-after``.
+    """

@@ -8,6 +8,7 @@ handlers and run ``db_worker``. Every ``HandlerLog`` row records the process tha
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -15,12 +16,13 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from django.conf import settings
 from django.core.management import call_command
 from django.test import override_settings
 from django_tasks_db.models import DBTaskResult
 
 from spark_decl.background import get_task
-from spark_decl.models import HandlerOutcome
+from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry
 from tests import workers
 from tests.testapp.models import Challenge, HandlerLog
@@ -141,3 +143,58 @@ def test_three_workers_process_an_enqueued_batch_each_key_once(
     assert sum(result["handled"] for result in results) == 2 * rows
     worker_pids = {worker.process.pid for worker in running}
     assert set(HandlerLog.objects.values_list("pid", flat=True)) <= worker_pids
+
+
+# -- django-tasks-db installed, its app not ----------------------------------------------------
+
+
+def without_tasks_db_app() -> dict[str, list[str]]:
+    """The test settings' INSTALLED_APPS less django_tasks_db, for ``Workers``: a project
+    that has the package (the dev extra installs it) and uses another backend."""
+    assert importlib.util.find_spec("django_tasks_db") is not None
+    return {"INSTALLED_APPS": [app for app in settings.INSTALLED_APPS if app != "django_tasks_db"]}
+
+
+def test_background_handlers_and_enqueue_need_no_tasks_db_app_for_another_backend(
+    tmp_path: Path, transactional_db: None
+) -> None:
+    # A process of its own: in this one django_tasks_db's models were imported long ago.
+    pool = Workers(tmp_path, background=True, django_settings=without_tasks_db_app())
+    try:
+        # Saved, claimed, and run after commit by the ImmediateBackend.
+        pool.run("create", "3")
+        saved = list(Challenge.objects.values_list("pk", flat=True))
+        assert_all_handled_once(saved)
+        # bulk_create saves without signals: only the batch sees these (7 rows, 4 chunks).
+        Challenge.objects.bulk_create(Challenge(title=f"batch {n}") for n in range(4))
+        out = pool.batch("--enqueue", "--chunk-size", "2")
+        assert "Enqueued 4 chunk task(s) on task backend 'default'" in out
+    finally:
+        pool.stop_all()
+    assert_all_handled_once(list(Challenge.objects.values_list("pk", flat=True)))
+
+
+def test_the_database_backend_without_its_app_is_a_clear_error(
+    tmp_path: Path, transactional_db: None
+) -> None:
+    pool = Workers(
+        tmp_path, background=True, tasks="database", django_settings=without_tasks_db_app()
+    )
+    try:
+        check = pool.start("command", "check")
+        assert check.finish() != 0
+        # spark_decl's check for the background handlers (next to django-tasks-db's own,
+        # which Django 6 runs only if something imported django.tasks before the checks).
+        assert "spark_decl.E010" in check.stderr
+        assert "'django_tasks_db' is not in INSTALLED_APPS: add it" in check.stderr
+        # Saved in a transaction: claimed at its commit, where the error is logged.
+        save = pool.start("create", "1")
+        assert save.finish() == 0
+    finally:
+        pool.stop_all()
+    assert "Could not claim the events of a committed transaction's saves" in save.stderr
+    assert "BackgroundUnavailable: The task backend 'default' is " in save.stderr
+    assert "but 'django_tasks_db' is not in INSTALLED_APPS: add it" in save.stderr
+    # Refused before anything was claimed: the batch produces the event once it works.
+    assert Challenge.objects.count() == 1
+    assert not EventRecord.objects.exists()

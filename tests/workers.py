@@ -22,7 +22,9 @@ Workers are steered with files in a directory shared with the test, never with s
 ``--background`` registers the handlers with ``background=True`` and puts the challenge
 itself in the context (the handlers log its title, as the worker read it); ``--tasks
 database`` points Django's tasks framework at django-tasks-db, so ``command db_worker``
-runs a real database worker. Every ``HandlerLog`` row records the process that wrote it.
+runs a real database worker. ``--django-settings JSON`` replaces Django settings
+(``TASKS``, ``INSTALLED_APPS``, ...) before Django is set up: an RQ worker, or a project
+without some app. Every ``HandlerLog`` row records the process that wrote it.
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ def setup(
     *,
     background: bool = False,
     tasks: str = "immediate",
+    django_settings: dict[str, Any] | None = None,
 ) -> None:
     os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
     if tasks == "database":
@@ -152,6 +155,8 @@ def setup(
     settings.DATABASES["default"]["NAME"] = database
     settings.DATABASES["default"].setdefault("OPTIONS", {}).update(database_options)
     settings.SPARK_DECL = spark_settings
+    for name, value in (django_settings or {}).items():
+        setattr(settings, name, value)
     import django
 
     django.setup()
@@ -186,6 +191,7 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--handlers", default=",".join(HANDLERS))
     parser.add_argument("--background", action="store_true")
     parser.add_argument("--tasks", choices=["immediate", "database"], default="immediate")
+    parser.add_argument("--django-settings", type=json.loads, default={})
     parser.add_argument("--pause-at", action="append", default=[], metavar="KIND:N")
     parser.add_argument("--repeat-until", type=Path, metavar="FILE")
     parser.add_argument("action", choices=["command", "save", "create", "consume"])
@@ -200,6 +206,7 @@ def main(argv: Sequence[str]) -> None:
         options.handlers.split(","),
         background=options.background,
         tasks=options.tasks,
+        django_settings=options.django_settings,
     )
     checkpoint("start")
     while True:
@@ -327,7 +334,8 @@ class Worker:
 
 class Workers:
     """Starts workers against the test database (create it once the database is set up);
-    :meth:`stop_all` kills the ones still running."""
+    :meth:`stop_all` kills the ones still running. Every worker replaces the Django
+    settings in ``django_settings`` (``--django-settings``)."""
 
     def __init__(
         self,
@@ -336,6 +344,7 @@ class Workers:
         *,
         background: bool = False,
         tasks: str = "immediate",
+        django_settings: dict[str, Any] | None = None,
     ) -> None:
         from django.db import connection
 
@@ -347,6 +356,7 @@ class Workers:
         self.handlers = handlers
         self.background = background
         self.tasks = tasks
+        self.django_settings = django_settings or {}
         self.started: list[Worker] = []
 
     def start(
@@ -370,6 +380,7 @@ class Workers:
             argv.append("--background")
         argv += ["--settings", json.dumps(settings or {})]
         argv += ["--database-options", json.dumps(database_options or {})]
+        argv += ["--django-settings", json.dumps(self.django_settings)]
         for point in pause_at:
             argv += ["--pause-at", point]
         if repeat_until is not None:

@@ -16,7 +16,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from spark_decl.background import enqueue_chunks
 from spark_decl.conf import get_settings
-from spark_decl.exceptions import BackgroundUnavailable
+from spark_decl.exceptions import BackgroundUnavailable, EnqueueFailed
 from spark_decl.registry import registry
 from spark_decl.sources import BatchResult, Mode, SkippedInstances, process_model
 
@@ -150,6 +150,11 @@ class Command(BaseCommand):
                     )
         except BackgroundUnavailable as exc:
             raise CommandError(str(exc)) from exc
+        except EnqueueFailed as exc:
+            raise CommandError(
+                f"{exc} The chunk tasks enqueued before are processed as usual; run the "
+                "command again once the backend works (no key is handled twice)."
+            ) from exc
         if not quiet:
             config = get_settings()
             self.stdout.write(
