@@ -19,6 +19,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
@@ -295,9 +296,10 @@ def insert_rows(
     skip_conflicts_on: str | None = None,
 ) -> list[tuple[Any, ...]]:
     """``INSERT ... [ON CONFLICT (col) DO NOTHING] [RETURNING ...]`` of many rows; returns
-    the inserted rows' ``returning`` columns, in no guaranteed order. Values must be ready
-    for the database: datetimes through :func:`db_datetime`, a JSON column's value as JSON
-    text (:func:`~spark_decl.context.dump_context_json`).
+    the inserted rows' ``returning`` columns, in no guaranteed order. With
+    ``skip_conflicts_on``, the rows are inserted in the order of that column's values.
+    Values must be ready for the database: datetimes through :func:`db_datetime`, a JSON
+    column's value as JSON text (:func:`~spark_decl.context.dump_context_json`).
 
     On SQLite: multi-row ``VALUES``, in as few statements as its parameter limit allows.
     On PostgreSQL: ``VALUES`` (each value cast to its column's type) while psycopg caches
@@ -311,6 +313,16 @@ def insert_rows(
     """
     if not rows:
         return []
+    if skip_conflicts_on is not None:
+        # A row whose key another open transaction inserted waits for that transaction,
+        # holding the keys inserted before it. If every such statement inserts its rows in
+        # one order (Python's order of the keys: any total order that all processes share
+        # will do), two of them never wait for each other in a cycle: the one that reaches
+        # a common key second waits for the other, which needs nothing it holds. In any
+        # other order, two claims of the same keys can deadlock. (PostgreSQL inserts the
+        # rows of VALUES and of json_array_elements() in the order they are given.)
+        position = fields.index(skip_conflicts_on)
+        rows = sorted(rows, key=itemgetter(position))
     connection = cursor.db
     sql = _insert_sql(connection, model, fields, returning, skip_conflicts_on)
     if sql.from_json is not None and len(rows) * len(fields) > CACHED_PARAMETERS:

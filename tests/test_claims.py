@@ -56,6 +56,25 @@ def test_only_new_events_yields_new_keys_in_input_order_each_once() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "numbers",
+    [[3, 1, 10, 2], list(range(1200, 0, -1))],
+    ids=["values", "json_document"],
+)
+def test_a_claim_inserts_its_rows_in_key_order_and_returns_them_in_input_order(
+    numbers: list[int],
+) -> None:
+    """Every claim takes the locks of its keys in one order, so that two claims of
+    overlapping keys never wait for each other in a cycle; the events still come back in
+    the order they went in. (On PostgreSQL, 4 rows are one ``VALUES`` list, 1,200 one JSON
+    document.) Record ids follow the order of insertion."""
+    events = [event("g", n) for n in numbers]
+    assert [e["key"] for e in only_new_events(events)] == [e["key"] for e in events]
+    inserted = list(EventRecord.objects.order_by("pk").values_list("key", flat=True))
+    assert inserted == sorted(e["key"] for e in events)
+
+
+@pytest.mark.django_db(transaction=True)
 def test_the_first_occurrence_of_a_key_wins() -> None:
     first = {"group": "g", "key": "same", "context": {"n": 1}}
     second = {"group": "other", "key": "same", "context": {"n": 2}}

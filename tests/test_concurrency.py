@@ -8,26 +8,34 @@ then race. Each test counts the handlers' database writes per key: exactly one e
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import pytest
-from django.db import connection
+from django.db import connection, connections, transaction
 
-from tests.testapp.models import Challenge
+from spark_decl import Event, event, only_new_events
+from spark_decl.models import EventRecord
+from spark_decl.validation import validate_event
+from tests.testapp.models import Challenge, HandlerLog
 from tests.workers import (
     TIMEOUT,
     Worker,
     Workers,
     assert_all_handled_once,
     assert_consistent,
+    key,
 )
 
 # PostgreSQL is what several machines share; SQLite has one writer at a time.
 SCALE = {"postgresql": (8, 10_000), "sqlite": (4, 2_000)}
 ONE_HANDLER = ("first",)
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -197,3 +205,108 @@ def wait_for_a_lock_wait(worker: Worker) -> None:
         assert worker.process.poll() is None, worker.stderr
         assert time.monotonic() < deadline, "the second save never waited for a lock"
         time.sleep(0.01)  # polling interval, not synchronisation
+
+
+# -- deadlocks on PostgreSQL ----------------------------------------------------------------
+
+postgresql_only = pytest.mark.skipif(
+    connection.vendor != "postgresql",
+    reason="SQLite has one writer at a time: its claims never wait for each other's locks",
+)
+
+
+class InThread(Generic[T]):
+    """Runs ``function`` in a thread of its own, so on a database connection of its own
+    (Django's are per thread, and closed here when it ends); :meth:`result` returns what
+    it returned, or raises what it raised."""
+
+    def __init__(self, function: Callable[[], T]) -> None:
+        self.function = function
+        self.outcome: tuple[T] | BaseException | None = None
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.outcome = (self.function(),)
+        except BaseException as exc:
+            self.outcome = exc
+        finally:
+            connections.close_all()
+
+    def result(self) -> T:
+        self.thread.join(timeout=TIMEOUT)
+        assert not self.thread.is_alive(), f"{self.function} never ended"
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        assert self.outcome is not None
+        return self.outcome[0]
+
+
+@postgresql_only
+@pytest.mark.django_db(transaction=True)
+def test_claims_of_the_same_keys_in_opposite_orders_at_once_never_deadlock() -> None:
+    """Two threads claim the same 500 keys inside their own transactions at the same
+    moment, one of them listing the keys in reverse. Each claim locks its keys in key
+    order: one waits for the other, neither in a cycle, and each key is claimed once."""
+    for round_ in range(5):
+        events = [validate_event(event("race", f"{round_}_{n}")) for n in range(500)]
+        start = threading.Barrier(2)
+
+        def claim(events: list[Event[Any]], start: threading.Barrier) -> list[str]:
+            start.wait(timeout=TIMEOUT)
+            with transaction.atomic():
+                return [claimed["key"] for claimed in only_new_events(events)]
+
+        forward = InThread(partial(claim, events, start))
+        backward = InThread(partial(claim, events[::-1], start))
+        claimed = forward.result() + backward.result()
+        assert Counter(claimed) == {each["key"]: 1 for each in events}
+    assert EventRecord.objects.count() == 5 * 500
+
+
+SOAK_SECONDS = 6
+
+
+@postgresql_only
+def test_savers_and_batch_workers_running_together_never_deadlock(pool: Workers) -> None:
+    """4 processes saving new rows and 3 ``process_spark_sources`` workers, for a few
+    seconds, with handlers that take 5 ms (a mail server answering), so that transactions
+    hold their claims a while. A transaction's saves are claimed after its commit in save
+    order (here random), a batch's chunk in primary-key order: before each claim took its
+    keys in one order, this deadlocked within seconds, losing the savers' events (logged
+    only) and ending batch workers with an error. Chunk sizes differ, as they do between
+    cron jobs, so that the workers' chunks straddle each other's."""
+    stop = pool.sync / "stop"
+    savers = [
+        pool.start("churn", "100", repeat_until=stop, pause_at=["start:1"], handler_seconds=0.005)
+        for _ in range(4)
+    ]
+    batches = [
+        pool.start(
+            "command",
+            "process_spark_sources",
+            settings={"CHUNK_SIZE": chunk_size},
+            repeat_until=stop,
+            pause_at=["start:1"],
+            handler_seconds=0.005,
+        )
+        for chunk_size in (30, 50, 70)
+    ]
+    start_together(savers + batches)
+    time.sleep(SOAK_SECONDS)  # how long the soak lasts, not synchronisation
+    stop.touch()
+    for worker in savers + batches:
+        worker.succeed()
+        assert "deadlock detected" not in worker.stderr + worker.stdout, worker.stderr
+
+    pks = list(Challenge.objects.values_list("pk", flat=True))
+    # Every save claimed its event (unless a batch worker did first): none was lost.
+    assert set(EventRecord.objects.values_list("key", flat=True)) == {key(pk) for pk in pks}
+    pool.batch()
+    pool.retry()
+    assert_all_handled_once(pks, ONE_HANDLER)
+    # Both kinds of workers handled events: they raced.
+    handled_by = set(HandlerLog.objects.values_list("pid", flat=True))
+    assert handled_by & {worker.process.pid for worker in savers}
+    assert handled_by & {worker.process.pid for worker in batches}
