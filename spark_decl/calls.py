@@ -119,6 +119,9 @@ class CallRunner:
         self.using = using
         self.connection = connections[using]
         self.result = RunResult()
+        #: Whether a handler was called: from then on, the transaction it ran in is not run
+        #: again (see :func:`~spark_decl.dispatch.claim_and_dispatch`).
+        self.called = False
         self._budget = get_settings().TRANSACTION_SECONDS
         self._block = transaction.Atomic(using, savepoint=True, durable=False)
 
@@ -214,6 +217,7 @@ class CallRunner:
                 self.result.skipped += 1
                 return
             attempts = taken[call.outcome_id]
+        self.called = True
         try:
             with guard:
                 call_handler(call.spec, call.event)

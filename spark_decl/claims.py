@@ -15,13 +15,17 @@ is not reached, leaves ``done_at_claim`` and gets its outcome row, with its resu
 from __future__ import annotations
 
 import json
+import logging
+import random
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.utils import timezone
 
 from .conf import get_settings
@@ -41,6 +45,8 @@ if TYPE_CHECKING:
     from .types import Event
 
 E = TypeVar("E", bound="Mapping[str, Any]")
+
+logger = logging.getLogger("spark_decl")
 
 MIN_SQLITE = (3, 35, 0)
 # Parameters per statement: SQLite's historic floor (999) bounds every supported backend.
@@ -107,7 +113,9 @@ def claim_events(
     Every context is converted for storage first, so an unstorable context raises before
     anything is written. Duplicate keys within ``events`` keep their first occurrence.
     The result is in input order; each returned event is a :class:`ClaimedEvent`.
-    Inside a transaction the claims belong to it: a rollback takes them back.
+    Inside a transaction the claims belong to it: a rollback takes them back, and an error
+    is its owner's. Outside one they get their own, made again a few times if the database
+    aborts it for a deadlock or a serialization failure (:func:`claim_again`).
     ``handlers=False`` claims the keys without owing any handler call (``--mark-only``).
 
     ``run_here=True`` is for a caller that runs the calls in the claiming transaction
@@ -125,8 +133,6 @@ def claim_events(
         first.setdefault(event["key"], event)
     if not first:
         return []
-    from .models import EventRecord, HandlerOutcome
-
     connection = connections[using]
     check_database(connection)
     created_at = db_datetime(connection, timezone.now())
@@ -159,15 +165,53 @@ def claim_events(
             (key, ev["group"], contexts[key], created_at, routes[ev["group"]][2])
             for key, ev in first.items()
         ]
-    # The claims and their outcome rows are one unit. Inside a transaction an error marks
-    # it for rollback, as Model.save() does (a savepoint would cost more than the
-    # claim itself); outside one, they get their own.
-    unit = (
-        transaction.mark_for_rollback_on_error(using)
-        if connection.in_atomic_block
-        else transaction.atomic(using=using)
-    )
-    with unit, connection.cursor() as cursor:
+    # The claims and their outcome rows are one unit.
+    if connection.in_atomic_block:
+        # Inside a transaction an error marks it for rollback, as Model.save() does (a
+        # savepoint would cost more than the claim itself). A claim the database aborted
+        # (deadlock, serialization failure) cannot be made again there: it aborted the
+        # whole transaction, whose owner gets the error.
+        with transaction.mark_for_rollback_on_error(using):
+            owed, outcome_ids = _insert_claims(connection, first, records, routes, created_at)
+    else:
+        attempt = 1
+        while True:
+            try:
+                with transaction.atomic(using=using):
+                    owed, outcome_ids = _insert_claims(
+                        connection, first, records, routes, created_at
+                    )
+                break
+            except DatabaseError as exc:
+                if not claim_again(exc, attempt, first.keys()):
+                    raise
+                attempt += 1
+    result: list[Event[Any]] = []
+    for claimed_event, record_id, owes in owed:
+        ids = (
+            tuple(outcome_ids.get((record_id, spec.name)) for spec in owes)
+            if outcome_ids
+            else (None,) * len(owes)
+        )
+        claimed_event.spark_claim = Claim(record_id, using, owes, ids)
+        result.append(cast("Event[Any]", claimed_event))
+    return result
+
+
+def _insert_claims(
+    connection: BaseDatabaseWrapper,
+    first: Mapping[str, Event[Any]],
+    records: list[tuple[Any, ...]],
+    routes: Mapping[str, _Route],
+    created_at: Any,
+) -> tuple[list[tuple[ClaimedEvent, int, tuple[HandlerSpec, ...]]], dict[tuple[int, str], int]]:
+    """Insert the claims (``records``) and the pending rows of the calls they owe; return
+    the events claimed now, in input order, each with its record id and the handlers it
+    owes, and the ids of the pending rows by (record id, handler name)."""
+    from .models import EventRecord, HandlerOutcome
+
+    owed: list[tuple[ClaimedEvent, int, tuple[HandlerSpec, ...]]] = []
+    with connection.cursor() as cursor:
         claimed: dict[str, int] = {}
         for statement in _by_context_bytes(records):
             claimed.update(
@@ -181,8 +225,7 @@ def claim_events(
                 )
             )
         if not claimed:
-            return []
-        owed: list[tuple[ClaimedEvent, int, tuple[HandlerSpec, ...]]] = []
+            return owed, {}
         pending: list[tuple[Any, ...]] = []
         status = HandlerOutcome.Status.PENDING.value
         for key, event in first.items():
@@ -203,16 +246,61 @@ def claim_events(
                 returning=OUTCOME_RETURNING,
             )
         }
-    result: list[Event[Any]] = []
-    for claimed_event, record_id, owes in owed:
-        ids = (
-            tuple(outcome_ids.get((record_id, spec.name)) for spec in owes)
-            if outcome_ids
-            else (None,) * len(owes)
-        )
-        claimed_event.spark_claim = Claim(record_id, using, owes, ids)
-        result.append(cast("Event[Any]", claimed_event))
-    return result
+    return owed, outcome_ids
+
+
+# SQLSTATEs with which PostgreSQL aborts a transaction only because of what ran alongside
+# it, so that running it again can succeed: serialization_failure, deadlock_detected.
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+#: How many times a claim is tried in a transaction of spark_decl's own that the database
+#: aborts (:func:`is_retryable`) before the error propagates.
+CLAIM_ATTEMPTS = 5
+# The longest pause before the second attempt, in seconds; it doubles for each next one.
+RETRY_PAUSE = 0.025
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error as Django raises it: its ``__cause__`` is the
+    driver's error, which names it ``sqlstate`` (psycopg 3) or ``pgcode`` (psycopg2).
+    SQLite's errors have none."""
+    cause = exc.__cause__
+    state = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+    return state if isinstance(state, str) else None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether the database aborted the transaction with ``exc`` for a deadlock or a
+    serialization failure: running the transaction again can succeed. Told by the
+    SQLSTATE, never by the message, which follows the server's ``lc_messages``. SQLite has
+    no such error: a connection waits its ``timeout`` for the write lock instead."""
+    return sqlstate(exc) in RETRYABLE_SQLSTATES
+
+
+def claim_again(exc: BaseException, attempt: int, keys: Iterable[str]) -> bool:
+    """After the ``attempt``-th try of a claim failed with ``exc``, whether to try again.
+
+    For a claim in a transaction of spark_decl's own in which no handler ran yet (running
+    one again would repeat what it did outside the database). Yes when the database aborted
+    that transaction (:func:`is_retryable`) and attempts are left; then this logs a warning
+    and first sleeps a random time, below a bound that doubles with each attempt, so that
+    the transactions that collided do not meet again in step.
+    """
+    if attempt >= CLAIM_ATTEMPTS or not is_retryable(exc):
+        return False
+    pause = random.uniform(0, RETRY_PAUSE * 2 ** (attempt - 1))
+    shown = list(islice(keys, 4))
+    logger.warning(
+        "The database aborted the claim of %s (SQLSTATE %s: %s); claiming again in %d ms "
+        "(attempt %d of %d).",
+        ", ".join(shown[:3]) + (", ..." if len(shown) > 3 else ""),
+        sqlstate(exc),
+        str(exc).partition("\n")[0],
+        round(pause * 1000),
+        attempt + 1,
+        CLAIM_ATTEMPTS,
+    )
+    time.sleep(pause)
+    return True
 
 
 def _by_context_bytes(records: list[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
@@ -224,7 +312,9 @@ def _by_context_bytes(records: list[tuple[Any, ...]]) -> Iterator[list[tuple[Any
         return
     run: list[tuple[Any, ...]] = []
     size = 0
-    for record in records:
+    # In key order across the statements too, as insert_rows orders each one's rows: the
+    # order in which a claim takes its keys is what keeps concurrent claims from deadlock.
+    for record in sorted(records, key=itemgetter(0)):
         if run and size + len(record[2]) > BATCH_BYTES:
             yield run
             run, size = [], 0
@@ -315,9 +405,10 @@ def insert_rows(
     skip_conflicts_on: str | None = None,
 ) -> list[tuple[Any, ...]]:
     """``INSERT ... [ON CONFLICT (col) DO NOTHING] [RETURNING ...]`` of many rows; returns
-    the inserted rows' ``returning`` columns, in no guaranteed order. Values must be ready
-    for the database: datetimes through :func:`db_datetime`, a JSON column's value as JSON
-    text (:func:`~spark_decl.context.dump_context_json`).
+    the inserted rows' ``returning`` columns, in no guaranteed order. With
+    ``skip_conflicts_on``, the rows are inserted in the order of that column's values.
+    Values must be ready for the database: datetimes through :func:`db_datetime`, a JSON
+    column's value as JSON text (:func:`~spark_decl.context.dump_context_json`).
 
     On SQLite: multi-row ``VALUES``, in as few statements as its parameter limit allows.
     On PostgreSQL: ``VALUES`` (each value cast to its column's type) while psycopg caches
@@ -331,6 +422,16 @@ def insert_rows(
     """
     if not rows:
         return []
+    if skip_conflicts_on is not None:
+        # A row whose key another open transaction inserted waits for that transaction,
+        # holding the keys inserted before it. If every such statement inserts its rows in
+        # one order (Python's order of the keys: any total order that all processes share
+        # will do), two of them never wait for each other in a cycle: the one that reaches
+        # a common key second waits for the other, which needs nothing it holds. In any
+        # other order, two claims of the same keys can deadlock. (PostgreSQL inserts the
+        # rows of VALUES and of json_array_elements() in the order they are given.)
+        position = fields.index(skip_conflicts_on)
+        rows = sorted(rows, key=itemgetter(position))
     connection = cursor.db
     sql = _insert_sql(connection, model, fields, returning, skip_conflicts_on)
     if sql.from_json is not None and len(rows) * len(fields) > CACHED_PARAMETERS:

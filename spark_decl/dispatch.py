@@ -22,11 +22,11 @@ from dataclasses import dataclass, replace
 from itertools import islice
 from typing import TYPE_CHECKING, Any, cast
 
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 
 from .background import check_enqueueable, enqueues_with_claims, submit
 from .calls import Call, CallRunner
-from .claims import MAX_PARAMETERS, claim_events
+from .claims import MAX_PARAMETERS, claim_again, claim_events
 from .conf import get_settings
 from .context import dump_context_json
 from .registry import registry
@@ -116,7 +116,9 @@ def claim_and_dispatch(
     """Claim ``events`` and run the handlers of those claimed now; return (new, result).
 
     Inside a transaction the handlers are scheduled for its commit (the result is empty);
-    otherwise the claim and the first handler calls commit together. ``contexts``: as
+    otherwise the claim and the first handler calls commit together, and that transaction
+    is run again if the database aborts it (deadlock, serialization failure) before any
+    handler ran (:func:`~spark_decl.claims.claim_again`). ``contexts``: as
     :func:`~spark_decl.claims.claim_events` takes them.
     """
     connection = transaction.get_connection(using)
@@ -126,12 +128,22 @@ def claim_and_dispatch(
             _dispatch_on_commit(claimed, connection, using=using)
         return len(claimed), DispatchResult()
     runner = CallRunner(using)
-    with transaction.atomic(using=using):
-        claimed = claim_events(events, using=using, run_here=True, contexts=contexts)
-        calls, enqueued = _submit_background(_calls(claimed), using=using)
-        done = runner.run_segment(calls)
-        runner.record_outcomes(_unrecorded(claimed, calls))
-    return len(claimed), _finish(runner, claimed, calls, done, enqueued)
+    attempt = 1
+    while True:
+        try:
+            with transaction.atomic(using=using):
+                claimed = claim_events(events, using=using, run_here=True, contexts=contexts)
+                calls, enqueued = _submit_background(_calls(claimed), using=using)
+                done = runner.run_segment(calls)
+                runner.record_outcomes(_unrecorded(claimed, calls))
+        except DatabaseError as exc:
+            # Not once a handler ran: running it again would repeat whatever it did
+            # outside the database (a mail).
+            if runner.called or not claim_again(exc, attempt, (e["key"] for e in events)):
+                raise
+            attempt += 1
+        else:
+            return len(claimed), _finish(runner, claimed, calls, done, enqueued)
 
 
 def claim_after_save(events: Sequence[Event[Any]], *, using: str) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from django.db import OperationalError
 
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry, registry
@@ -63,3 +66,51 @@ def all_calls() -> dict[tuple[str, str], str]:
         assert (key, handler) not in calls, f"{handler} of {key} has a row and done_at_claim"
         calls[key, handler] = status
     return calls
+
+
+# What a claim sends: the INSERT of its keys into EventRecord.
+CLAIM_STATEMENT = 'INSERT INTO "spark_decl_eventrecord"'
+
+
+class DriverError(Exception):
+    """An error as the database driver raises it: psycopg 3 gives its SQLSTATE as
+    ``sqlstate`` (psycopg2 as ``pgcode``)."""
+
+    def __init__(self, message: str, sqlstate: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class FailStatements:
+    """An execute wrapper (``connection.execute_wrapper(FailStatements())``) that fails the
+    first ``times`` statements starting with ``prefix`` as PostgreSQL fails the victim of a
+    deadlock (SQLSTATE 40P01, or e.g. 40001 for a serialization failure): Django's
+    ``OperationalError``, caused by the driver's error. ``seen`` counts those statements.
+    On SQLite too, which never fails a transaction so."""
+
+    def __init__(
+        self, prefix: str = CLAIM_STATEMENT, *, times: int = 1, sqlstate: str = "40P01"
+    ) -> None:
+        self.prefix = prefix
+        self.times = times
+        self.sqlstate = sqlstate
+        self.seen = 0
+
+    def __call__(
+        self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        if sql.startswith(self.prefix):
+            self.seen += 1
+            if self.seen <= self.times:
+                cause = DriverError("deadlock detected", self.sqlstate)
+                raise OperationalError("deadlock detected") from cause
+        return execute(sql, params, many, context)
+
+
+def retry_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The messages with which spark_decl announced that it runs a claim again."""
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "spark_decl" and record.levelno == logging.WARNING
+    ]

@@ -876,8 +876,7 @@ def test_a_source_raising_an_exception_whose_str_raises_is_skipped_like_any_othe
     good, bad = Challenge.objects.bulk_create(Challenge(title=t) for t in ("good", "bad"))
     with pytest.raises(CommandError) as excinfo:
         run()
-    assert (
-        f"pk={bad.pk}: <unprintable Unprintable: str() raised TypeError: no text>"
-        in str(excinfo.value)
+    assert f"pk={bad.pk}: <unprintable Unprintable: str() raised TypeError: no text>" in str(
+        excinfo.value
     )
     assert claimed_keys() == {f"moody_{good.pk}"}

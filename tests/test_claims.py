@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -14,19 +15,28 @@ from io import StringIO
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from django.core.management import call_command
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from pytest_django import Settings
 
-from spark_decl import Event, api, event, handles, only_new_events, process_events
+from spark_decl import Event, api, claims, event, handles, only_new_events, process_events
 from spark_decl.claims import seen_keys
 from spark_decl.exceptions import InvalidContext
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry
-from tests.conftest import CHALLENGE_HANDLER, all_calls, handler_statuses, logged_keys
+from tests.conftest import (
+    CHALLENGE_HANDLER,
+    DriverError,
+    FailStatements,
+    all_calls,
+    handler_statuses,
+    logged_keys,
+    retry_warnings,
+)
 from tests.testapp.models import Challenge, HandlerLog
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +66,25 @@ def test_only_new_events_yields_new_keys_in_input_order_each_once() -> None:
         "g_3",
         "h_4",
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "numbers",
+    [[3, 1, 10, 2], list(range(1200, 0, -1))],
+    ids=["values", "json_document"],
+)
+def test_a_claim_inserts_its_rows_in_key_order_and_returns_them_in_input_order(
+    numbers: list[int],
+) -> None:
+    """Every claim takes the locks of its keys in one order, so that two claims of
+    overlapping keys never wait for each other in a cycle; the events still come back in
+    the order they went in. (On PostgreSQL, 4 rows are one ``VALUES`` list, 1,200 one JSON
+    document.) Record ids follow the order of insertion."""
+    events = [event("g", n) for n in numbers]
+    assert [e["key"] for e in only_new_events(events)] == [e["key"] for e in events]
+    inserted = list(EventRecord.objects.order_by("pk").values_list("key", flat=True))
+    assert inserted == sorted(e["key"] for e in events)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -393,3 +422,77 @@ def test_process_events_of_only_new_events_handles_each_event_once(
             process_events(only_new_events(events))
     assert recorder == ["g_1", "g_2", "g_3", "g_4", "g_5"]
     assert set(all_calls().values()) == {"done"}
+
+
+@pytest.mark.parametrize(
+    ("cause", "retryable"),
+    [
+        (psycopg.errors.DeadlockDetected("deadlock detected"), True),
+        (psycopg.errors.SerializationFailure("could not serialize access"), True),
+        (DriverError("deadlock detected", "40P01"), True),
+        (psycopg.errors.UniqueViolation("duplicate key value"), False),
+        (psycopg.errors.LockNotAvailable("canceling statement due to lock timeout"), False),
+        # A message is not a SQLSTATE: it changes with lc_messages.
+        (Exception("deadlock detected"), False),
+        (sqlite3.OperationalError("database is locked"), False),
+    ],
+    ids=repr,
+)
+def test_only_a_deadlock_or_a_serialization_failure_is_retryable(
+    cause: Exception, retryable: bool
+) -> None:
+    error = OperationalError(str(cause))
+    error.__cause__ = cause
+    assert claims.is_retryable(error) is retryable
+
+
+def test_a_psycopg2_error_is_recognised_by_its_pgcode() -> None:
+    class Psycopg2Error(Exception):
+        pgcode = "40P01"
+
+    error = OperationalError("deadlock detected")
+    error.__cause__ = Psycopg2Error("deadlock detected")
+    assert claims.is_retryable(error)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_in_a_transaction_of_its_own_is_made_again_after_a_deadlock(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failing = FailStatements(times=2)
+    with connection.execute_wrapper(failing):
+        claimed = list(only_new_events([event("g", 2), event("g", 1)]))
+    assert [e["key"] for e in claimed] == ["g_2", "g_1"]
+    assert failing.seen == 3
+    assert sorted(EventRecord.objects.values_list("key", flat=True)) == ["g_1", "g_2"]
+    warnings = retry_warnings(caplog)
+    assert len(warnings) == 2
+    assert "g_1" in warnings[0]
+    assert "40P01" in warnings[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_that_keeps_failing_gives_up_after_a_few_attempts() -> None:
+    failing = FailStatements(times=100, sqlstate="40001")
+    with pytest.raises(OperationalError), connection.execute_wrapper(failing):
+        list(only_new_events([event("g", 1)]))
+    assert failing.seen == claims.CLAIM_ATTEMPTS > 1
+    assert not EventRecord.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deadlock_inside_the_callers_transaction_propagates_as_a_database_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing can be retried inside a transaction that is not spark_decl's: the whole
+    transaction is aborted, so the error is the caller's, as any query's would be."""
+    failing = FailStatements()
+    with (
+        pytest.raises(OperationalError, match="deadlock detected"),
+        connection.execute_wrapper(failing),
+        transaction.atomic(),
+    ):
+        list(only_new_events([event("g", 1)]))
+    assert failing.seen == 1
+    assert retry_warnings(caplog) == []
+    assert not EventRecord.objects.exists()

@@ -11,16 +11,22 @@ from unittest.mock import patch
 
 import pytest
 from django.core.management import call_command
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
 from django.db.transaction import Atomic
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from pytest_django import Settings
 
-from spark_decl import Event, event, handles, only_new_events, process_events
+from spark_decl import Event, event, handles, only_new_events, process_events, process_queryset
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.testing import capture_events
-from tests.conftest import CHALLENGE_HANDLER, all_calls, logged_keys
+from tests.conftest import (
+    CHALLENGE_HANDLER,
+    FailStatements,
+    all_calls,
+    logged_keys,
+    retry_warnings,
+)
 from tests.testapp.models import Challenge, HandlerLog
 
 TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
@@ -378,3 +384,83 @@ def test_a_dispatch_failing_after_commit_is_logged_and_the_commit_stands(
     assert "retry_spark_events --stale-after" in record.getMessage()
     assert record.exc_info is not None
     assert str(record.exc_info[1]) == "database gone"
+
+
+# -- claims the database aborted (deadlock, serialization failure) -----------------------------
+#
+# On PostgreSQL a claim can be the victim of a deadlock or of a serialization failure. In a
+# transaction of spark_decl's own, before any handler ran, the claim is simply made again.
+# The failures are injected here (tests/conftest.py: FailStatements), so that each path runs
+# on SQLite too; tests/test_concurrency.py makes a real deadlock on PostgreSQL.
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_save_in_autocommit_mode_is_claimed_again_after_a_deadlock(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failing = FailStatements()
+    with connection.execute_wrapper(failing):
+        challenge = Challenge.objects.create(title="Run")
+    key = f"challenge_created_{challenge.pk}"
+    assert failing.seen == 2
+    assert logged_keys() == [key]
+    assert all_calls() == {(key, CHALLENGE_HANDLER): "done"}
+    [warning] = retry_warnings(caplog)
+    assert key in warning
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_saves_of_a_committed_transaction_are_claimed_again_after_a_deadlock(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failing = FailStatements()
+    with connection.execute_wrapper(failing):
+        with transaction.atomic():
+            first = Challenge.objects.create(title="first")
+            second = Challenge.objects.create(title="second")
+        assert failing.seen == 2
+    keys = [f"challenge_created_{first.pk}", f"challenge_created_{second.pk}"]
+    assert logged_keys() == keys
+    assert set(all_calls().values()) == {"done"}
+    assert len(retry_warnings(caplog)) == 1
+    assert "Could not claim" not in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_chunk_is_claimed_again_after_a_serialization_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    Challenge.objects.bulk_create(Challenge(title=str(n)) for n in range(3))
+    failing = FailStatements(sqlstate="40001")
+    with connection.execute_wrapper(failing):
+        result = process_queryset(Challenge.objects.all())
+    assert (result.new, result.dispatch.calls, result.dispatch.failed) == (3, 3, 0)
+    assert failing.seen == 2
+    assert sorted(logged_keys()) == sorted(
+        f"challenge_created_{pk}" for pk in Challenge.objects.values_list("pk", flat=True)
+    )
+    assert "40001" in retry_warnings(caplog)[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claiming_transaction_failing_after_a_handler_ran_is_not_run_again(
+    recorder: Callable[[Callable[[Event[object]], None]], None],
+) -> None:
+    """Running the transaction again would call its handlers again: a mail sent twice.
+    The failure is the save's (autocommit mode), as any database error after the claim;
+    the handlers' writes and the claim roll back, and the next batch makes the event."""
+    ran: list[str] = []
+
+    def fails(event: Event[object]) -> None:
+        ran.append(event["key"])
+        raise RuntimeError("boom")
+
+    recorder(fails)
+    # A failed call is recorded in the claiming transaction, after the handlers ran.
+    failing = FailStatements('UPDATE "spark_decl_eventrecord"', times=100)
+    with pytest.raises(OperationalError), connection.execute_wrapper(failing):
+        Challenge.objects.create(title="Run")
+    assert failing.seen == 1
+    assert ran == [f"challenge_created_{Challenge.objects.get().pk}"]
+    assert logged_keys() == []
+    assert not EventRecord.objects.exists()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -61,6 +62,7 @@ class Plan:
 
     sync: Path | None = None
     with_instance: bool = False
+    handler_seconds: float = 0.0
     pauses: list[tuple[str, int]] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     paused: int = 0
@@ -112,6 +114,8 @@ def log(handler: str, event: Event[dict[str, Any]]) -> None:
     from tests.testapp.models import HandlerLog
 
     challenge = event["context"].get("challenge")
+    if PLAN.handler_seconds:
+        time.sleep(PLAN.handler_seconds)  # a handler that waits for a server (mail)
     HandlerLog.objects.create(
         handler=handler,
         key=event["key"],
@@ -190,14 +194,16 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--sync", type=Path)
     parser.add_argument("--handlers", default=",".join(HANDLERS))
     parser.add_argument("--background", action="store_true")
+    parser.add_argument("--handler-seconds", type=float, default=0.0)
     parser.add_argument("--tasks", choices=["immediate", "database"], default="immediate")
     parser.add_argument("--django-settings", type=json.loads, default={})
     parser.add_argument("--pause-at", action="append", default=[], metavar="KIND:N")
     parser.add_argument("--repeat-until", type=Path, metavar="FILE")
-    parser.add_argument("action", choices=["command", "save", "create", "consume"])
+    parser.add_argument("action", choices=["command", "save", "create", "consume", "churn"])
     parser.add_argument("args", nargs=argparse.REMAINDER)
     options = parser.parse_args(argv)
     PLAN.sync = options.sync
+    PLAN.handler_seconds = options.handler_seconds
     PLAN.pauses = [(kind, int(n)) for kind, n in (p.split(":") for p in options.pause_at)]
     setup(
         options.database,
@@ -236,6 +242,19 @@ def act(action: str, args: list[str]) -> None:
         with transaction.atomic():
             for n in range(int(args[0])):
                 Challenge.objects.create(title=f"created {n}")
+    elif action == "churn":
+        # "churn N": N new rows (bulk_create: no event yet; batch workers may claim them
+        # from now on), one saved in autocommit mode, then all saved in one transaction in
+        # random order, whose claim after the commit lists their keys in that order. Only
+        # this worker saves these rows, so its own locks never conflict with another's.
+        rows = Challenge.objects.bulk_create(
+            Challenge(title=f"churn {os.getpid()}") for _ in range(int(args[0]))
+        )
+        rows[0].save()
+        random.shuffle(rows)
+        with transaction.atomic():
+            for row in rows:
+                row.save()
     elif action == "consume":
         consume(args[0])
 
@@ -367,9 +386,11 @@ class Workers:
         pause_at: Sequence[str] = (),
         repeat_until: Path | None = None,
         database_options: dict[str, Any] | None = None,
+        handler_seconds: float = 0.0,
     ) -> Worker:
         """Start a worker that runs ``action`` (``command NAME ARGS...``,
-        ``save PK [inside]``, ``create N``, ``consume FUNCTION``) in its own sync directory.
+        ``save PK [inside]``, ``create N``, ``consume FUNCTION``, ``churn N``) in its own
+        sync directory.
         ``database_options`` are added to the database's ``OPTIONS``."""
         name = f"worker-{len(self.started)}"
         sync = self.sync / name
@@ -385,6 +406,8 @@ class Workers:
             argv += ["--pause-at", point]
         if repeat_until is not None:
             argv += ["--repeat-until", str(repeat_until)]
+        if handler_seconds:
+            argv += ["--handler-seconds", str(handler_seconds)]
         worker = Worker([*argv, action, *args], sync, name)
         self.started.append(worker)
         return worker
