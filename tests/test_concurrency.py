@@ -22,7 +22,8 @@ import pytest
 from django.db import connection, connections, transaction
 from psycopg import sql
 
-from spark_decl import Event, event, only_new_events, process_queryset
+from spark_decl import Event, event, process_queryset
+from spark_decl.claims import claim_events
 from spark_decl.models import EventRecord
 from spark_decl.sources import BatchResult
 from spark_decl.validation import validate_event
@@ -265,7 +266,7 @@ def test_claims_of_the_same_keys_in_opposite_orders_at_once_never_deadlock() -> 
         def claim(events: list[Event[Any]], start: threading.Barrier) -> list[str]:
             start.wait(timeout=TIMEOUT)
             with transaction.atomic():
-                return [claimed["key"] for claimed in only_new_events(events)]
+                return [claimed["key"] for claimed in claim_events(events)]
 
         forward = InThread(partial(claim, events, start))
         backward = InThread(partial(claim, events[::-1], start))
