@@ -10,10 +10,13 @@ from .claims import only_new_events
 from .decorators import event_source, handles
 from .dispatch import process_events
 from .sources import process_queryset
-from .types import Event, event
+from .types import BatchResult, DispatchResult, Event, Mode, event
 
 __all__ = [
+    "BatchResult",
+    "DispatchResult",
     "Event",
+    "Mode",
     "aonly_new_events",
     "aprocess_events",
     "event",

@@ -1,6 +1,6 @@
 """Django's tasks framework: ``django.tasks`` (Django >= 6.0) or, on Django 5.2, the
 ``django-tasks`` backport it grew from. Importing this module raises ``ImportError`` when
-neither is installed; :mod:`spark_decl.background` turns that into a clear error."""
+neither is installed; :mod:`spark_decl.enqueue` turns that into a clear error."""
 
 from typing import TYPE_CHECKING
 

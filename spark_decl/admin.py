@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
 from django.contrib.auth import get_permission_codename
-from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Count, Exists, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 
-from .calls import TRACEBACK_MAX_CHARS, clip
-from .models import EventRecord, HandlerOutcome, done_at_claim_has
+from .models import EventRecord, HandlerOutcome
+from .outcomes import TRACEBACK_MAX_CHARS, clip
 from .retry import retry_records
 
 CONTEXT_PREVIEW_CHARS = 5_000
@@ -73,18 +73,14 @@ def count_outcomes(**filters: Any) -> Coalesce:
 # -- filters -------------------------------------------------------------------------------
 
 
-def outcome_exists(request: HttpRequest) -> Q:
+def outcome_exists(request: HttpRequest) -> Exists:
     """Events with an outcome matching both the status and the handler filter, so that
     "failed" + "send_mail" means *send_mail failed*, not "something failed and send_mail
-    ran". ``Exists`` rather than a join keeps each event once and its counts intact.
-    A done call may also be on the event itself (``done_at_claim``)."""
+    ran". ``Exists`` rather than a join keeps each event once and its counts intact."""
     status = request.GET.get(STATUS_PARAMETER)
     handler = request.GET.get(HANDLER_PARAMETER)
     wanted = {name: value for name, value in (("status", status), ("handler", handler)) if value}
-    rows = Q(Exists(HandlerOutcome.objects.filter(record=OuterRef("pk"), **wanted)))
-    if status and status != HandlerOutcome.Status.DONE.value:
-        return rows
-    return rows | (done_at_claim_has(handler) if handler else ~Q(done_at_claim={}))
+    return Exists(HandlerOutcome.objects.filter(record=OuterRef("pk"), **wanted))
 
 
 class OutcomeStatusFilter(admin.SimpleListFilter):
@@ -105,12 +101,8 @@ class HandlerFilter(admin.SimpleListFilter):
     parameter_name = HANDLER_PARAMETER
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[Any, str]]:
-        names = set(HandlerOutcome.objects.order_by().values_list("handler", flat=True).distinct())
-        for done in (
-            EventRecord.objects.order_by().values_list("done_at_claim", flat=True).distinct()
-        ):
-            names.update(done)
-        return [(name, name) for name in sorted(names)]
+        names = HandlerOutcome.objects.order_by("handler").values_list("handler", flat=True)
+        return [(name, name) for name in names.distinct()]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         # With a status chosen too, OutcomeStatusFilter already applied both.
@@ -180,7 +172,7 @@ class EventRecordAdmin(ReadOnlyMixin, ModelAdminBase):
     # No date_hierarchy: created_at has no index (see EventRecord), and the hierarchy's
     # date query would read the whole table on every page. The created_at filter's
     # ranges end now, and the newest events, which match them, come first in -pk order.
-    fields = ("key", "group", "created_at", "done_at_claim_display", "context_preview")
+    fields = ("key", "group", "created_at", "context_preview")
     readonly_fields = fields
     inlines = (HandlerOutcomeInline,)
     actions = ("retry_failed_handlers",)
@@ -228,20 +220,13 @@ class EventRecordAdmin(ReadOnlyMixin, ModelAdminBase):
 
     @admin.display(description=_("handlers"))
     def outcome_summary(self, obj: EventRecord) -> str:
-        at_claim = len(obj.done_at_claim)
-        total = getattr(obj, "outcomes_total", 0) + at_claim
+        total = getattr(obj, "outcomes_total", 0)
         if not total:
             return "-"
-        done = getattr(obj, "outcomes_done", 0) + at_claim
+        done = getattr(obj, "outcomes_done", 0)
         failed = getattr(obj, "outcomes_failed", 0)
         text = f"{done}/{total} done"
         return f"{text}, {failed} failed" if failed else text
-
-    @admin.display(description=_("done when claimed"))
-    def done_at_claim_display(self, obj: EventRecord) -> str:
-        """The calls that succeeded at once, in the claiming transaction: they have no
-        outcome row below."""
-        return ", ".join(obj.done_at_claim) or "-"
 
     @admin.display(description=_("context"))
     def context_preview(self, obj: EventRecord) -> SafeString:

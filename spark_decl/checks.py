@@ -9,10 +9,12 @@
                        function made inside another function, a ``functools.partial``)
 ``spark_decl.W002``    saving a proxy or multi-table subclass of a model does not run that
                        model's on-save sources
+``spark_decl.E010``    background handlers are registered, but their calls cannot be
+                       enqueued (no tasks framework, a misconfigured backend)
+``spark_decl.W010``    background handlers are registered on a ``DummyBackend``
 =====================  ======================================================================
 
-``spark_decl.E010`` and ``spark_decl.W010`` (background handlers) are registered by
-:mod:`spark_decl.background`. What each one means and how to fix it: :ref:`system-checks`.
+What each one means and how to fix it: :ref:`system-checks`.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from django.core.checks import Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections, router
 
-from .claims import check_database
 from .conf import get_settings
-from .exceptions import UnsupportedDatabase
+from .enqueue import get_backend, get_task
+from .exceptions import BackgroundUnavailable, UnsupportedDatabase
 from .registry import registry
+from .vendors import vendor_of
 
 if TYPE_CHECKING:
+    from django.core.checks import CheckMessage
     from django.db.models import Model
 
 
@@ -45,7 +49,7 @@ def check_databases(app_configs: Any = None, **kwargs: Any) -> list[Error]:
         if not router.allow_migrate_model(alias, EventRecord):
             continue
         try:
-            check_database(connections[alias])
+            vendor_of(connections[alias])
         except UnsupportedDatabase as exc:
             errors.append(
                 Error(
@@ -201,3 +205,36 @@ def _installed_subclasses(model: type[Model]) -> Iterator[type[Model]]:
 def _installed(model: type[Model]) -> bool:
     # model._meta.apps: the registry the model was created in (the global one outside tests).
     return model._meta.app_label in model._meta.apps.app_configs
+
+
+@register()
+def check_background(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """spark_decl.E010 and W010: background handlers whose calls could not run."""
+    background = sorted(spec.name for spec in registry.handlers() if spec.background)
+    if not background:
+        return []
+    try:
+        get_task("run_background_handler")
+    except BackgroundUnavailable as exc:
+        return [
+            Error(
+                f"{len(background)} handler(s) have background=True, e.g. {background[0]}, "
+                f"but their calls cannot be enqueued: {exc}",
+                hint="Install and configure Django's tasks framework (the TASKS setting), "
+                "or register the handlers without background=True.",
+                id="spark_decl.E010",
+            )
+        ]
+    from ._tasks import DummyBackend
+
+    if isinstance(get_backend(), DummyBackend):
+        return [
+            Warning(
+                f"The task backend {get_settings().TASK_BACKEND!r} is a DummyBackend: the "
+                f"calls of {len(background)} background handler(s), e.g. {background[0]}, "
+                "are enqueued but never run.",
+                hint="Use a backend with workers (e.g. django-tasks-db) outside tests.",
+                id="spark_decl.W010",
+            )
+        ]
+    return []

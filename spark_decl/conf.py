@@ -11,7 +11,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-DEFAULTS: dict[str, float | str] = {
+DEFAULTS: dict[str, float | str | bool] = {
     # A failing handler call is retried this many times in all before it is given up.
     "MAX_ATTEMPTS": 10,
     # The first retry is due at once; later ones wait BACKOFF_SECONDS, doubling each time,
@@ -33,6 +33,11 @@ DEFAULTS: dict[str, float | str] = {
     # a broker that never answers must not hang a request. Calls not taken by then stay
     # pending for ``retry_spark_events --stale-after``.
     "ENQUEUE_TIMEOUT": 5.0,
+    # False: events are still claimed and event_dispatched is still sent, but no handler
+    # runs and nothing is enqueued; every call stays pending (retry_spark_events runs
+    # them). For tests (spark_decl.testing.capture_events(run_handlers=False) sets it) and
+    # for environments that must not send mail.
+    "RUN_HANDLERS": True,
 }
 
 
@@ -46,6 +51,7 @@ class SparkSettings:
     TASK_BACKEND: str
     TASK_QUEUE: str
     ENQUEUE_TIMEOUT: float
+    RUN_HANDLERS: bool
 
 
 @cache
@@ -74,6 +80,11 @@ def get_settings() -> SparkSettings:
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ImproperlyConfigured(
                     f"SPARK_DECL[{name!r}] must be a number of seconds >= 0, got {value!r}."
+                )
+        elif name == "RUN_HANDLERS":
+            if not isinstance(value, bool):
+                raise ImproperlyConfigured(
+                    f"SPARK_DECL[{name!r}] must be True or False, got {value!r}."
                 )
         elif name == "ENQUEUE_TIMEOUT":
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:

@@ -24,7 +24,7 @@ from typing import Any
 from django.apps import apps
 from django.db.models import Model
 
-from .exceptions import InvalidContext, SparkError
+from .exceptions import ContextUnavailable, InvalidContext
 
 # Tagged values are dicts with this one marker key; user dicts that happen to contain the
 # marker are wrapped so they cannot be mistaken for a tag.
@@ -53,11 +53,6 @@ MAX_CONTEXT_BYTES = 64 * 1024 * 1024
 #: The most stored context text handled at once: in one claim statement (PostgreSQL takes
 #: at most 1 GB in one), or loaded at once by a retry. One larger context goes alone.
 BATCH_BYTES = 16 * 1024 * 1024
-
-
-class ContextUnavailable(SparkError):
-    """A stored context cannot be rebuilt: it refers to something that no longer exists (a
-    deleted row, a model no longer installed), or holds what no reader can take."""
 
 
 def dump_context(value: object, *, key: str) -> Any:
@@ -220,14 +215,23 @@ def _dump(value: object, path: tuple[str | int, ...], key: str) -> Any:
 
 
 def load_stored_context(text: str) -> Any:
-    """Rebuild a context from the JSON text it is stored as (see :func:`load_context`).
-
-    Whatever stops that is :class:`ContextUnavailable`, so that a reader can fail the one
-    call it was rebuilding for and go on: rows may hold what no validation refused when
-    they were written (JSON nested deeper than Python's recursion limit, say).
-    """
+    """Rebuild a context from the JSON text it is stored as: :func:`rebuild_context`."""
     try:
-        return load_context(json.loads(text))
+        data = json.loads(text)
+    except Exception as exc:
+        raise ContextUnavailable(
+            f"The stored context cannot be read: {type(exc).__name__}: {exc}"
+        ) from exc
+    return rebuild_context(data)
+
+
+def rebuild_context(data: Any) -> Any:
+    """:func:`load_context` for a reader that must fail only the call it rebuilds for:
+    whatever stops it is :class:`ContextUnavailable`. Rows may hold what no validation
+    refused when they were written (JSON nested deeper than Python's recursion limit, a
+    tagged value that is not what its tag says)."""
+    try:
+        return load_context(data)
     except ContextUnavailable:
         raise
     except Exception as exc:

@@ -52,7 +52,7 @@ def handles(pattern: str | re.Pattern[str], *, background: bool = False) -> Call
     event. ``background=True`` runs each call through Django's tasks framework: it is
     enqueued once the claim commits (with django-tasks-db, in the claiming transaction) and
     a worker runs it, with the event's model instances fetched again (see
-    :mod:`spark_decl.background`). An invalid pattern raises
+    :mod:`spark_decl.enqueue`). An invalid pattern raises
     :class:`~spark_decl.exceptions.InvalidPattern` here, at import time::
 
         @handles(r"^challenge")

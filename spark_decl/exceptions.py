@@ -33,8 +33,6 @@ class UnknownHandler(SparkError, LookupError):
     """No handler of the given dotted name is registered (``retry_spark_events --handler``
     and ``--replay-to``, :meth:`spark_decl.testing.CapturedEvents.routed_to`). The message
     suggests registered names close to it.
-
-    Also importable as ``spark_decl.retry.UnknownHandler``, where it lived before.
     """
 
 
@@ -56,3 +54,23 @@ class EnqueueFailed(SparkError):
     ``process_spark_sources --enqueue`` turns it into a ``CommandError``. After a save it is
     only logged: the call stays pending for ``retry_spark_events --stale-after``.
     """
+
+
+class ContextUnavailable(SparkError):
+    """A stored context cannot be rebuilt: it refers to something that no longer exists (a
+    deleted row, a model no longer installed), or holds what no reader can take. The call
+    it was rebuilt for counts as a failed attempt."""
+
+
+class SourceErrors(SparkError):
+    """Sources raised for some rows of an enqueued chunk (``process_spark_sources
+    --enqueue``); the chunk's other rows were processed."""
+
+
+class MailError(SparkError):
+    """A mail handler (:func:`spark_decl.mail.templated`) could not build its message (the
+    handler call fails and is recorded). Also importable from ``spark_decl.mail``."""
+
+
+class MailTemplateMissing(MailError):
+    """The template of a mail handler for an event's group does not exist."""

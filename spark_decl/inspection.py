@@ -1,10 +1,10 @@
 """What is registered and what is stored: the data behind ``manage.py spark_inspect``.
 
-:func:`inspect_spark` reads the registry, the two signals' receivers and, with three
-aggregate queries, the stored groups and the handler outcomes (rows, and the calls done
-when their events were claimed). :meth:`Inspection.as_dict` is the
-``--json`` document; its keys are documented in ``docs/introspection.rst`` and only ever
-gain new ones (``version`` changes if one is removed or changes meaning).
+:func:`inspect_spark` reads the registry, the two signals' receivers and, with two
+aggregate queries, the stored groups and the handler calls by status.
+:meth:`Inspection.as_dict` is the ``--json`` document; its keys are documented in
+``docs/introspection.rst`` and only ever gain new ones (``version`` changes if one is
+removed or changes meaning).
 """
 
 from __future__ import annotations
@@ -16,15 +16,13 @@ from django.db import DEFAULT_DB_ALIAS
 from django.db.models import Count
 
 from . import signals
+from .outcomes import STATUSES
 from .registry import function_name, registry
 
 if TYPE_CHECKING:
     from django.dispatch import Signal
 
 JSON_VERSION = 1
-# HandlerOutcome.Status values, in the order a call goes through them (kept here so this
-# module can be imported before the app registry is ready).
-STATUSES = ("pending", "done", "failed", "given_up")
 SIGNALS = ("event_dispatched", "handler_failed")
 
 
@@ -141,18 +139,6 @@ def inspect_spark(*, using: str = DEFAULT_DB_ALIAS) -> Inspection:
     )
     for name, status, calls in outcome_counts:
         outcomes.setdefault(name, dict.fromkeys(STATUSES, 0))[status] = calls
-    # Calls done in the claiming transaction are on their events: one count per distinct
-    # set of handlers (a few: one per group's routing at the time).
-    done_at_claim = (
-        EventRecord.objects.using(using)
-        .exclude(done_at_claim={})
-        .order_by()
-        .values_list("done_at_claim")
-        .annotate(events=Count("pk"))
-    )
-    for names, events in done_at_claim:
-        for name in names:
-            outcomes.setdefault(name, dict.fromkeys(STATUSES, 0))["done"] += events
     return Inspection(
         database=using,
         sources=[

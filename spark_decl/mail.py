@@ -31,7 +31,7 @@ from django.core.mail import EmailMultiAlternatives
 from django.template import TemplateDoesNotExist
 from django.template.loader import get_template
 
-from .exceptions import RegistrationError, SparkError
+from .exceptions import MailError, MailTemplateMissing, RegistrationError
 
 if TYPE_CHECKING:
     from django.core.mail.backends.base import BaseEmailBackend
@@ -41,14 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["MailError", "MailTemplateMissing", "TemplatedMail", "templated"]
 
 logger = logging.getLogger(__name__)
-
-
-class MailError(SparkError):
-    """A mail handler could not build its message (the handler call fails and is recorded)."""
-
-
-class MailTemplateMissing(MailError):
-    """The template for an event's group does not exist."""
 
 
 def templated(

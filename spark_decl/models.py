@@ -1,10 +1,8 @@
-"""The database side: one row per claimed key, and what became of each handler's call.
+"""The tables: one row per claimed key, one per handler call it owes, and the outbox.
 
-A call that succeeded at its first attempt, in the transaction that claimed its event (a
-save outside a transaction, the batch), is recorded on the event itself, in
-:attr:`EventRecord.done_at_claim`; every other call (pending, failed, given up, retried,
-background, replayed) has a :class:`HandlerOutcome` row. A handler is in one of the two
-places for an event, never both. :meth:`EventRecord.handler_statuses` reads both.
+Every call has its :class:`HandlerOutcome` row, whatever its state (see
+:mod:`spark_decl.outcomes`, which writes them). :class:`OutboxEvent` holds, for a moment,
+the events of saves made inside a transaction (see :mod:`spark_decl.outbox`).
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Now
 from django.utils.translation import gettext_lazy as _
 
 if TYPE_CHECKING:
@@ -52,13 +51,6 @@ class EventRecord(models.Model):
     # Not indexed: ids ascend with creation, so "newest first" is "-pk", and an index here
     # would be one more write per claim for reads that are rare (prune, the admin's filter).
     created_at = models.DateTimeField(_("created at"))
-    #: The handlers whose call succeeded at its first attempt in the claiming transaction,
-    #: as the keys of a JSON object (values ``true``): one write with the claim instead of
-    #: an outcome row per call. Such a call finished when the event was created.
-    done_at_claim = models.JSONField(
-        _("done when claimed"), default=dict, db_default={}, blank=True
-    )
-
     outcomes: models.Manager[HandlerOutcome]
 
     class Meta:
@@ -78,22 +70,13 @@ class EventRecord(models.Model):
         return self.key
 
     def handler_statuses(self) -> dict[str, str]:
-        """The status of each handler call this event has, by handler name: ``"done"``
-        for the calls in :attr:`done_at_claim`, else its :class:`HandlerOutcome`'s."""
-        statuses = dict.fromkeys(self.done_at_claim, HandlerOutcome.Status.DONE.value)
-        statuses.update(self.outcomes.order_by("pk").values_list("handler", "status"))
-        return statuses
-
-
-def done_at_claim_has(handler: str) -> Q:
-    """Events whose call of ``handler`` is recorded in :attr:`EventRecord.done_at_claim`
-    (combine it with the outcome rows' ``Exists`` to find every event it reached)."""
-    return Q(done_at_claim__has_key=handler)
+        """The status of each handler call this event owes, by handler name, in the order
+        the calls were written."""
+        return dict(self.outcomes.order_by("pk").values_list("handler", "status"))
 
 
 class HandlerOutcome(models.Model):
-    """What became of one handler's call for one event (every call but a first-attempt
-    success in the claiming transaction: see :attr:`EventRecord.done_at_claim`)."""
+    """What became of one handler's call for one event."""
 
     id = RowIdField(primary_key=True, serialize=False, verbose_name="ID")
 
@@ -148,3 +131,28 @@ class HandlerOutcome(models.Model):
     def __str__(self) -> str:
         # get_status_display() is made by Django; only django-stubs' mypy plugin declares it.
         return f"{self.handler}: {self.get_status_display()}"  # pyright: ignore[reportAttributeAccessIssue]
+
+
+class OutboxEvent(models.Model):
+    """An event of a save made inside a transaction, written in that transaction and
+    claimed (then deleted) once it commits: a crash between the two leaves it here, for
+    ``retry_spark_events --stale-after`` to claim."""
+
+    id = RowIdField(primary_key=True, serialize=False, verbose_name="ID")
+    # Not unique: a transaction may produce a key twice, or a key claimed meanwhile; the
+    # claim (EventRecord's unique key) decides.
+    key = models.CharField(_("key"), max_length=255)
+    group = models.CharField(_("group"), max_length=255)
+    context = models.JSONField(_("context"), default=dict, blank=True)
+    # Not indexed: rows live from a save to its transaction's commit, so the table is
+    # nearly always empty; a recovery reads it whole. Set by the database: a save binds
+    # no datetime (binding one costs as much as the rest of the row).
+    created_at = models.DateTimeField(_("created at"), db_default=Now())
+
+    class Meta:
+        verbose_name = _("outbox event")
+        verbose_name_plural = _("outbox events")
+        ordering: ClassVar[list[str]] = ["pk"]
+
+    def __str__(self) -> str:
+        return self.key

@@ -3,9 +3,9 @@
 By default an old event keeps its row, so its key stays claimed and the event never fires
 again; only what was kept for retries and for reading is dropped: the stored context (set
 to ``{}``) and each outcome's ``last_error`` and ``traceback``. The outcome rows themselves
-stay, small as they are, as does ``done_at_claim``, because they record which handlers
-received the event: ``retry_spark_events --replay-to`` relies on them to never send an
-event to a handler twice.
+stay, small as they are, because they record which handlers received the event:
+``retry_spark_events --replay-to`` relies on them to never send an event to a handler
+twice.
 
 ``delete_keys=True`` deletes the events and their outcomes instead. Their keys are then
 unknown, and a source that still yields one of those events makes it fire again.
@@ -22,6 +22,7 @@ from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from .conf import get_settings
+from .outcomes import unfinished
 
 if TYPE_CHECKING:
     from django.db.models import QuerySet
@@ -34,7 +35,7 @@ class PruneResult:
     """What :func:`prune_events` did (or, with ``dry_run``, would do).
 
     ``events`` counts the events cleared (or deleted), ``outcomes`` their outcome rows
-    cleared, or the handler calls deleted with them (rows and ``done_at_claim`` alike).
+    cleared, or deleted with them.
     """
 
     cutoff: datetime
@@ -57,7 +58,7 @@ def prunable_events(
     """
     from .models import EventRecord, HandlerOutcome
 
-    queryset = EventRecord.objects.using(using).filter(~_unfinished(), created_at__lt=cutoff)
+    queryset = EventRecord.objects.using(using).filter(~unfinished(), created_at__lt=cutoff)
     if not delete_keys:
         details = HandlerOutcome.objects.filter(record=OuterRef("pk")).exclude(
             last_error="", traceback=""
@@ -93,8 +94,6 @@ def prune_events(
             .filter(record__in=candidates.order_by().values("pk"))
             .count()
         )
-        if delete_keys:
-            result.outcomes += _done_at_claim_calls(candidates)
         return result
 
     size = chunk_size or get_settings().CHUNK_SIZE
@@ -104,13 +103,13 @@ def prune_events(
         last = chunk[-1]
         # The "all done" condition is checked again in the writing statements: a replay
         # may have given one of these events a pending call since the chunk was read.
-        records = EventRecord.objects.using(using).filter(~_unfinished(), pk__in=chunk)
+        records = EventRecord.objects.using(using).filter(~unfinished(), pk__in=chunk)
         outcomes = HandlerOutcome.objects.using(using).filter(
             record__in=records.order_by().values("pk")
         )
         with transaction.atomic(using=using):
             if delete_keys:
-                result.outcomes += outcomes.delete()[0] + _done_at_claim_calls(records)
+                result.outcomes += outcomes.delete()[0]
                 # only("pk"): the contexts about to be deleted need not be read first.
                 deleted = records.only("pk").delete()[1]
                 result.events += deleted.get(EventRecord._meta.label, 0)
@@ -118,20 +117,3 @@ def prune_events(
                 result.outcomes += outcomes.update(last_error="", traceback="")
                 result.events += records.update(context={})
     return result
-
-
-def _done_at_claim_calls(records: QuerySet[EventRecord]) -> int:
-    """How many handler calls the events record in ``done_at_claim``."""
-    done = records.exclude(done_at_claim={}).order_by().values_list("done_at_claim", flat=True)
-    return sum(len(names) for names in done.iterator())
-
-
-def _unfinished() -> Exists:
-    """The event has an outcome other than ``done`` (pending, failed, given up)."""
-    from .models import HandlerOutcome
-
-    return Exists(
-        HandlerOutcome.objects.filter(record=OuterRef("pk")).exclude(
-            status=HandlerOutcome.Status.DONE
-        )
-    )

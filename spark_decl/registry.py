@@ -8,6 +8,7 @@ importing it again) replaces the earlier registration instead of adding a second
 
 from __future__ import annotations
 
+import difflib
 import re
 import threading
 from collections.abc import Callable, Generator, Iterable, Mapping
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, cast
 
-from .exceptions import InvalidPattern, RegistrationError
+from .exceptions import InvalidPattern, RegistrationError, UnknownHandler
 
 if TYPE_CHECKING:
     from django.db.models import Model, QuerySet
@@ -196,20 +197,37 @@ class Registry:
             self._handlers.clear()
             self._routes.clear()
 
-    @contextmanager
-    def isolated(self) -> Generator[Registry, None, None]:
-        """Run a block with a copy of the registry, restoring the original afterwards."""
+    # autodiscover_modules(register_to=registry) copies this before importing each app's
+    # spark.py and assigns it back when the import fails, as for the admin's
+    # AdminSite._registry: a module that fails half-way leaves nothing registered.
+    @property
+    def _registry(self) -> _Snapshot:
         with self._lock:
-            saved = (
+            return (
                 {model: dict(specs) for model, specs in self._sources.items()},
                 dict(self._handlers),
             )
+
+    @_registry.setter
+    def _registry(self, snapshot: _Snapshot) -> None:
+        sources, handlers = snapshot
+        with self._lock:
+            self._sources = {model: dict(specs) for model, specs in sources.items()}
+            self._handlers = dict(handlers)
+            self._routes.clear()
+
+    @contextmanager
+    def isolated(self) -> Generator[Registry, None, None]:
+        """Run a block with a copy of the registry, restoring the original afterwards."""
+        saved = self._registry
         try:
             yield self
         finally:
-            with self._lock:
-                self._sources, self._handlers = saved
-                self._routes.clear()
+            self._registry = saved
+
+
+# What Registry._registry copies: the sources per model and the handlers by name.
+_Snapshot = tuple[dict["type[Model]", dict[str, SourceSpec]], dict[str, HandlerSpec]]
 
 
 def check_model(model: object) -> None:
@@ -228,3 +246,22 @@ def check_model(model: object) -> None:
 
 
 registry = Registry()
+
+
+def resolve_handler(name: str) -> HandlerSpec:
+    """The registered handler called ``name`` (its dotted name), or
+    :class:`~spark_decl.exceptions.UnknownHandler`, suggesting close names.
+
+    Names are only ever looked up in the registry, never imported.
+    """
+    spec = registry.get_handler(name)
+    if spec is not None:
+        return spec
+    known = sorted(handler.name for handler in registry.handlers())
+    message = f"No handler named {name!r} is registered."
+    close = difflib.get_close_matches(name, known, n=3)
+    if close:
+        message += f" Did you mean {' or '.join(map(repr, close))}?"
+    elif known:
+        message += f" Handlers are named by module and function, e.g. {known[0]!r}."
+    raise UnknownHandler(message)

@@ -15,7 +15,6 @@ the same groups on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,24 +22,26 @@ from datetime import datetime, timedelta
 from itertools import chain, islice
 from typing import TYPE_CHECKING, Any
 
-from django.db import DEFAULT_DB_ALIAS, transaction
-from django.db.models import Count, Exists, Func, Min, OuterRef, Q, TextField
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db.models import Count, Func, Min, Q, TextField
 from django.db.models.functions import Cast, Length
 from django.utils import timezone
 
-from .calls import PENDING, Call, CallRunner, describe, schedule_after_failure
-from .claims import MAX_PARAMETERS
+from . import outbox, outcomes
+from .calls import Call, CallRunner
+from .claims import claim_events, retrying
 from .conf import get_settings
-from .context import BATCH_BYTES, ContextUnavailable, load_stored_context
-from .exceptions import UnknownHandler as UnknownHandler  # re-exported: it lived here
-from .registry import compile_pattern, registry
+from .context import BATCH_BYTES, load_stored_context
+from .exceptions import ContextUnavailable
+from .outcomes import PENDING
+from .registry import compile_pattern, registry, resolve_handler
 from .sources import iterate_chunks
+from .vendors import MAX_PARAMETERS
 
 if TYPE_CHECKING:
     from django.db.models import QuerySet
 
     from .models import EventRecord, HandlerOutcome
-    from .registry import HandlerSpec
     from .types import Event
 
 logger = logging.getLogger("spark_decl")
@@ -57,9 +58,12 @@ class RetryResult:
     failed: int = 0
     skipped: int = 0
     unknown_handler: int = 0
+    #: Events claimed from the outbox, where a process that died after its transaction
+    #: committed left them (their calls are among the others).
+    recovered: int = 0
 
     def __iadd__(self, other: RetryResult) -> RetryResult:
-        for name in ("due", "succeeded", "failed", "skipped", "unknown_handler"):
+        for name in ("due", "succeeded", "failed", "skipped", "unknown_handler", "recovered"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
@@ -87,25 +91,6 @@ class ReplayResult:
     unrouted_groups: list[str] = field(default_factory=list)
     created: int = 0
     run: RetryResult = field(default_factory=RetryResult)
-
-
-def resolve_handler(name: str) -> HandlerSpec:
-    """The registered handler called ``name`` (its dotted name), or
-    :class:`~spark_decl.exceptions.UnknownHandler`.
-
-    Names are only ever looked up in the registry, never imported.
-    """
-    spec = registry.get_handler(name)
-    if spec is not None:
-        return spec
-    known = sorted(handler.name for handler in registry.handlers())
-    message = f"No handler named {name!r} is registered."
-    close = difflib.get_close_matches(name, known, n=3)
-    if close:
-        message += f" Did you mean {' or '.join(map(repr, close))}?"
-    elif known:
-        message += f" Handlers are named by module and function, e.g. {known[0]!r}."
-    raise UnknownHandler(message)
 
 
 def matching_groups(pattern: str, *, using: str = DEFAULT_DB_ALIAS) -> list[str]:
@@ -278,7 +263,7 @@ def _call_for(
     try:
         context = load_stored_context(text)
     except ContextUnavailable as exc:
-        record_unavailable(outcome, exc, using=using)
+        fail_unavailable(outcome, exc, using=using)
         result.failed += 1
         return None
     event: Event[Any] = {
@@ -286,9 +271,10 @@ def _call_for(
         "key": outcome.record.key,
         "context": context,
     }
-    if outcome.status == PENDING:
-        return Call(spec, event, outcome.pk)
-    return Call(spec, event, outcome.pk, status=outcome.status, attempts=outcome.attempts)
+    call = Call(spec, event, record_id=outcome.record.pk, outcome_id=outcome.pk)
+    if outcome.status != PENDING:
+        call.expected = (outcome.status, outcome.attempts)
+    return call
 
 
 def retry_events(
@@ -321,7 +307,50 @@ def retry_events(
         using=using,
     )
     pages = iterate_chunks(outcomes, get_settings().CHUNK_SIZE)
-    return retry_outcomes(chain.from_iterable(pages), using=using)
+    result = retry_outcomes(chain.from_iterable(pages), using=using)
+    if stale_after is not None and group is None and handler is None and records is None:
+        from .models import HandlerOutcome
+
+        keys = claim_outbox(stale_after=stale_after, using=using)
+        if keys:
+            result.recovered += len(keys)
+            result += retry_outcomes(
+                HandlerOutcome.objects.using(using)
+                .filter(record__key__in=keys, status=PENDING)
+                .select_related("record")
+                .defer("record__context")
+                .order_by("pk"),
+                using=using,
+            )
+    return result
+
+
+def claim_outbox(*, stale_after: float, using: str = DEFAULT_DB_ALIAS) -> list[str]:
+    """Claim the events a process left in the outbox (:mod:`spark_decl.outbox`) when it
+    died between its transaction's commit and their claim: those written at least
+    ``stale_after`` seconds ago. Returns the keys claimed now; their calls are pending.
+    Safe alongside the live claims: an outbox row is taken once."""
+    claimed: list[str] = []
+    for rows in outbox.stale(stale_after, chunk_size=get_settings().CHUNK_SIZE, using=using):
+        contexts: dict[str, str] = {}
+        for _, key, _, text in rows:
+            contexts.setdefault(key, text)
+
+        def take_and_claim(
+            rows: list[tuple[int, str, str, str]] = rows, contexts: dict[str, str] = contexts
+        ) -> list[Event[Any]]:
+            taken = outbox.take(connections[using], {pk: key for pk, key, _, _ in rows})
+            # The context is the stored text: nothing needs to be rebuilt to claim.
+            events: list[Event[Any]] = [
+                {"group": group, "key": key, "context": {}}
+                for pk, key, group, _ in rows
+                if pk in taken
+            ]
+            return claim_events(events, using=using, contexts=contexts)
+
+        keys = [key for _, key, _, _ in rows]
+        claimed += [event["key"] for event in retrying(take_and_claim, using=using, keys=keys)]
+    return claimed
 
 
 def retry_records(records: QuerySet[EventRecord], *, using: str = DEFAULT_DB_ALIAS) -> RetryResult:
@@ -355,7 +384,7 @@ def replay_events(handler: str, *, group: str, using: str = DEFAULT_DB_ALIAS) ->
 
         replay_events("challenges.spark.send_challenge_mails", group=r"^challenge_")
     """
-    from .models import EventRecord, HandlerOutcome, done_at_claim_has
+    from .models import EventRecord, HandlerOutcome
 
     spec = resolve_handler(handler)
     result = ReplayResult(handler=spec.name)
@@ -364,9 +393,7 @@ def replay_events(handler: str, *, group: str, using: str = DEFAULT_DB_ALIAS) ->
     if not result.groups:
         return result
     candidates = EventRecord.objects.using(using).filter(
-        ~Exists(HandlerOutcome.objects.filter(record=OuterRef("pk"), handler=spec.name)),
-        ~done_at_claim_has(spec.name),
-        group__in=result.groups,
+        ~outcomes.reached(spec.name), group__in=result.groups
     )
     # The contexts are read by retry_outcomes, a bounded number of bytes at a time.
     for records in iterate_chunks(candidates.defer("context"), get_settings().CHUNK_SIZE):
@@ -381,32 +408,21 @@ def replay_events(handler: str, *, group: str, using: str = DEFAULT_DB_ALIAS) ->
                 ignore_conflicts=True,
             )
         by_pk = {record.pk: record for record in records}
-        outcomes = list(
+        created = list(
             HandlerOutcome.objects.using(using).filter(
                 record__in=list(by_pk), handler=spec.name, status=PENDING, attempts=0
             )
         )
-        for outcome in outcomes:
+        for outcome in created:
             # record_id is made by Django; only django-stubs' mypy plugin declares it.
             outcome.record = by_pk[outcome.record_id]  # pyright: ignore[reportAttributeAccessIssue]
-        result.created += len(outcomes)
-        result.run += retry_outcomes(outcomes, using=using)
+        result.created += len(created)
+        result.run += retry_outcomes(created, using=using)
     return result
 
 
-def record_unavailable(outcome: HandlerOutcome, exc: Exception, *, using: str) -> None:
-    """A call whose context cannot be rebuilt counts as a failed attempt."""
-    from .models import HandlerOutcome
-
-    now = timezone.now()
-    attempts = outcome.attempts + 1
-    status, next_attempt_at = schedule_after_failure(attempts, now)
-    error, trace = describe(exc)
-    HandlerOutcome.objects.using(using).filter(pk=outcome.pk, attempts=outcome.attempts).update(
-        status=status,
-        next_attempt_at=next_attempt_at,
-        attempts=attempts,
-        last_error=error,
-        traceback=trace,
-    )
+def fail_unavailable(outcome: HandlerOutcome, exc: Exception, *, using: str) -> None:
+    """A call whose context cannot be rebuilt counts as a failed attempt (unless another
+    process ran it meanwhile)."""
+    outcomes.fail_unrun(connections[using], outcome, exc)
     logger.error("Cannot retry %s for event %r: %s", outcome.handler, outcome.record.key, exc)

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from django.db import DEFAULT_DB_ALIAS
+from django.db import DEFAULT_DB_ALIAS, transaction
 
-from .calls import exception_text
 from .claims import claim_events, seen_keys
 from .conf import get_settings
 from .context import dump_context_json
-from .dispatch import DispatchResult, claim_after_save, claim_and_dispatch
+from .dispatch import claim_and_run
+from .enqueue import enqueue_within_bound, enqueues_with_claims, get_task
 from .exceptions import InvalidContext, RegistrationError
+from .outcomes import exception_text
 from .registry import registry
+from .types import BatchResult, Mode
 from .validation import validate_event
 
 if TYPE_CHECKING:
@@ -65,9 +67,9 @@ def on_post_save(
     using: str = DEFAULT_DB_ALIAS,
     **kwargs: object,
 ) -> None:
-    """``post_save`` receiver: run the instance's sources, and claim and handle their new
-    events once the saving transaction commits (at once in autocommit mode, where the row
-    is committed already). A rollback discards them.
+    """``post_save`` receiver: run the instance's sources and claim their new events, in
+    the saving transaction (in autocommit mode the row is committed already: in one of
+    their own); their handlers run once it commits, and never if it rolls back.
     Fixture loading (``raw=True``) is skipped: run :func:`process_queryset` afterwards.
     """
     if raw:
@@ -77,41 +79,7 @@ def on_post_save(
         return
     events = events_from(instance, sources)
     if events:
-        claim_after_save(events, using=using)
-
-
-@dataclass
-class BatchResult:
-    """What a batch run over one or more querysets did."""
-
-    rows: int = 0
-    events: int = 0
-    new: int = 0
-    source_errors: int = 0
-    dispatch: DispatchResult = field(default_factory=DispatchResult)
-
-    def __iadd__(self, other: BatchResult) -> BatchResult:
-        self.rows += other.rows
-        self.events += other.events
-        self.new += other.new
-        self.source_errors += other.source_errors
-        self.dispatch += other.dispatch
-        return self
-
-    def copy(self) -> BatchResult:
-        return dataclasses.replace(self, dispatch=dataclasses.replace(self.dispatch))
-
-
-class Mode(enum.Enum):
-    """What a batch does with the events its sources produce."""
-
-    #: Claim the new events and run their handlers.
-    HANDLE = "handle"
-    #: Claim the new events without running any handler (switching spark_decl on over
-    #: existing data without mailing everyone).
-    MARK_ONLY = "mark_only"
-    #: Claim nothing, run nothing; only count what is new.
-    DRY_RUN = "dry_run"
+        claim_and_run(events, using=using)
 
 
 SourceErrorHandler = Callable[["Model", "SourceSpec", Exception], None]
@@ -239,9 +207,7 @@ def process_queryset(
                 claim_events(chunk.events, using=using, handlers=False, contexts=chunk.contexts)
             )
         else:
-            new, dispatched = claim_and_dispatch(
-                chunk.events, using=using, contexts=chunk.contexts
-            )
+            new, dispatched = claim_and_run(chunk.events, using=using, contexts=chunk.contexts)
             result.dispatch += dispatched
         result.new += new
         read_first = new * 2 < chunk.produced
@@ -373,3 +339,61 @@ def source_querysets(model: type[Model]) -> list[tuple[QuerySet[Any], list[Sourc
             )
         groups.append((queryset, specs))
     return groups
+
+
+# -- the batch split into tasks --------------------------------------------------------------
+
+
+def enqueue_chunks(
+    model: type[Model],
+    *,
+    chunk_size: int,
+    mode: str = "handle",
+    using: str = DEFAULT_DB_ALIAS,
+    on_chunk: Callable[[int], None] | None = None,
+) -> int:
+    """Split the rows each group of ``model``'s sources scans into ranges of
+    ``chunk_size`` primary keys and enqueue one
+    :func:`~spark_decl.tasks.process_source_chunk` per range; returns the number of
+    tasks. The last range is open-ended, so rows created meanwhile are included. Reads
+    one primary key per chunk.
+
+    Raises :class:`~spark_decl.exceptions.EnqueueFailed` if the backend refuses a task or
+    does not take it within ``SPARK_DECL["ENQUEUE_TIMEOUT"]``."""
+    chunk_task = get_task("process_source_chunk")
+    backend = chunk_task.get_backend()
+    outbox = enqueues_with_claims(using)
+    enqueued = 0
+    for queryset, specs in source_querysets(model):
+        names = [spec.name for spec in specs]
+        pks = queryset.using(using).order_by("pk").values_list("pk", flat=True)
+        # With an outbox backend, all of a model's chunk tasks commit together.
+        with transaction.atomic(using=using) if outbox else nullcontext():
+            after: Any = None
+            while True:
+                page = pks if after is None else pks.filter(pk__gt=after)
+                boundary = list(page[chunk_size - 1 : chunk_size])
+                upto = boundary[0] if boundary else None
+                if upto is None and not page.exists():
+                    break
+                kwargs: dict[str, Any] = {
+                    "model": model._meta.label,
+                    "sources": names,
+                    "after": _json_pk(after),
+                    "upto": _json_pk(upto),
+                    "mode": mode,
+                }
+                if using != DEFAULT_DB_ALIAS:
+                    kwargs["database"] = using
+                enqueue_within_bound(backend, partial(chunk_task.enqueue, **kwargs))
+                enqueued += 1
+                if on_chunk is not None:
+                    on_chunk(enqueued)
+                if upto is None:
+                    break
+                after = upto
+    return enqueued
+
+
+def _json_pk(value: object) -> Any:
+    return value if value is None or type(value) in (int, str) else str(value)

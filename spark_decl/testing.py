@@ -11,15 +11,15 @@ Import this module from tests only: it is not imported by spark_decl itself.
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable, Generator, Iterable
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
+from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS
+from django.test import override_settings
 
-from . import dispatch
-from .registry import compile_pattern, function_name, registry
+from .registry import compile_pattern, function_name, registry, resolve_handler
 from .signals import event_dispatched
 from .types import Event
 
@@ -73,8 +73,6 @@ class CapturedEvents(list[Event[C]], Generic[C]):
         ``LookupError``."""
         name = handler if isinstance(handler, str) else function_name(handler)
         if registry.get_handler(name) is None:
-            from .retry import resolve_handler
-
             resolve_handler(name)  # raises UnknownHandler, suggesting close names
         return self._subset(event for event in self if name in (self._handlers(event) or ()))
 
@@ -124,22 +122,13 @@ def _pattern_text(pattern: str | re.Pattern[str]) -> str:
     return repr(pattern.pattern if isinstance(pattern, re.Pattern) else pattern)
 
 
-_suppressions = 0
-_suppressions_lock = threading.Lock()
-
-
 @contextmanager
-def _handlers_suppressed() -> Generator[None, None, None]:
-    global _suppressions
-    with _suppressions_lock:
-        _suppressions += 1
-        dispatch.handlers_suppressed = True
-    try:
+def _handlers_off() -> Generator[None, None, None]:
+    """``SPARK_DECL["RUN_HANDLERS"] = False`` for the block, the rest of ``SPARK_DECL`` as
+    it is (``override_settings``: process-wide, and blocks nest)."""
+    current = getattr(settings, "SPARK_DECL", {})
+    with override_settings(SPARK_DECL={**current, "RUN_HANDLERS": False}):
         yield
-    finally:
-        with _suppressions_lock:
-            _suppressions -= 1
-            dispatch.handlers_suppressed = _suppressions > 0
 
 
 @contextmanager
@@ -179,7 +168,7 @@ def capture_events(*, run_handlers: bool = True) -> Generator[CapturedEvents[Any
         if run_handlers:
             yield captured
         else:
-            with _handlers_suppressed():
+            with _handlers_off():
                 yield captured
     finally:
         event_dispatched.disconnect(receiver)

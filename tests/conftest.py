@@ -49,23 +49,18 @@ def logged_keys(handler: str = "log_challenge_event") -> list[str]:
 
 
 def handler_statuses(key: str) -> dict[str, str]:
-    """Each handler's status for the event ``key``: its outcome row's, or ``done`` when the
-    call succeeded in the claiming transaction (``done_at_claim``)."""
+    """Each handler's status for the event ``key``: its outcome row's."""
     return EventRecord.objects.get(key=key).handler_statuses()
 
 
 def all_calls() -> dict[tuple[str, str], str]:
-    """Every recorded handler call, ``(key, handler) -> status``, from the outcome rows and
-    ``done_at_claim`` alike (a call is in one of them, never both)."""
-    calls: dict[tuple[str, str], str] = {}
-    for key, done in EventRecord.objects.values_list("key", "done_at_claim"):
-        calls.update(((key, name), "done") for name in done)
-    for key, handler, status in HandlerOutcome.objects.values_list(
-        "record__key", "handler", "status"
-    ):
-        assert (key, handler) not in calls, f"{handler} of {key} has a row and done_at_claim"
-        calls[key, handler] = status
-    return calls
+    """Every recorded handler call, ``(key, handler) -> status``."""
+    return {
+        (key, handler): status
+        for key, handler, status in HandlerOutcome.objects.values_list(
+            "record__key", "handler", "status"
+        )
+    }
 
 
 # What a claim sends: the INSERT of its keys into EventRecord.

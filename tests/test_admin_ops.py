@@ -19,9 +19,9 @@ from pytest_django import Settings
 
 from spark_decl import Event, event, handles, only_new_events, process_events
 from spark_decl.admin import CONTEXT_PREVIEW_CHARS
-from spark_decl.calls import TRACEBACK_MAX_CHARS
-from spark_decl.dispatch import claim_and_dispatch
-from spark_decl.models import EventRecord, HandlerOutcome, done_at_claim_has
+from spark_decl.dispatch import claim_and_run
+from spark_decl.models import EventRecord, HandlerOutcome
+from spark_decl.outcomes import TRACEBACK_MAX_CHARS
 from spark_decl.registry import Registry, function_name
 from spark_decl.validation import validate_event
 from tests.conftest import CHALLENGE_HANDLER
@@ -55,14 +55,14 @@ def broken(
 ) -> Broken:
     """order_1 and order_2: mailer failed, audit done. order_3: both done (claimed while
     mailer worked). Every call with an outcome row, or, run in the claiming transaction as
-    a save's are, the calls that succeeded in ``done_at_claim``."""
+    a save's are."""
     state = Broken()
 
-    def claim_and_run(events: list[Event[Any]]) -> None:
+    def claim(events: list[Event[Any]]) -> None:
         if request.param == "claimed_then_run":
             process_events(only_new_events(events))
         else:
-            claim_and_dispatch([validate_event(each) for each in events], using="default")
+            claim_and_run([validate_event(each) for each in events], using="default")
 
     @handles(r"^order_")
     def mailer(event: Event[Any]) -> None:
@@ -75,21 +75,19 @@ def broken(
         pass
 
     state.mailer, state.audit = function_name(mailer), function_name(audit)
-    claim_and_run([event("order_placed", 1), event("order_paid", 2)])
+    claim([event("order_placed", 1), event("order_paid", 2)])
     state.broken = False
-    claim_and_run([event("order_placed", 3)])
+    claim([event("order_placed", 3)])
     with_rows = HandlerOutcome.objects.order_by().values_list("record__key", flat=True).distinct()
-    assert len(with_rows) == (3 if request.param == "claimed_then_run" else 2)
+    assert len(with_rows) == 3
     state.mailed.clear()
     state.broken = True
     return state
 
 
 def calls_of(handler: str) -> list[tuple[str, int]]:
-    """(status, attempts) of each of ``handler``'s calls, rows and ``done_at_claim`` alike."""
-    calls = list(HandlerOutcome.objects.filter(handler=handler).values_list("status", "attempts"))
-    calls += [("done", 1)] * EventRecord.objects.filter(done_at_claim_has(handler)).count()
-    return sorted(calls)
+    """(status, attempts) of each of ``handler``'s calls."""
+    return sorted(HandlerOutcome.objects.filter(handler=handler).values_list("status", "attempts"))
 
 
 def keys(client: Client, query: str = "", **params: str) -> list[str]:

@@ -26,11 +26,16 @@ from django_tasks_db.models import DBTaskResult
 
 from spark_decl import Event, event, event_source, handles, process_events
 from spark_decl._tasks import DummyBackend, TaskResult, task_backends
-from spark_decl.background import SourceErrors, run_chunk
-from spark_decl.exceptions import BackgroundUnavailable, InvalidContext, UnknownHandler
-from spark_decl.models import EventRecord, HandlerOutcome
+from spark_decl.exceptions import (
+    BackgroundUnavailable,
+    InvalidContext,
+    SourceErrors,
+    UnknownHandler,
+)
+from spark_decl.models import EventRecord, HandlerOutcome, OutboxEvent
 from spark_decl.registry import Registry, function_name
 from spark_decl.signals import handler_failed
+from spark_decl.tasks import run_chunk
 from tests.conftest import CHALLENGE_HANDLER
 from tests.testapp.models import Challenge, HandlerLog
 
@@ -138,7 +143,6 @@ def test_a_call_is_enqueued_as_json_naming_handler_and_key(dummy: DummyBackend) 
     # it is done on the event, while the background call has its pending row.
     assert HandlerLog.objects.filter(handler="log_challenge_event", key=key).count() == 1
     record = EventRecord.objects.get(key=key)
-    assert record.done_at_claim == {CHALLENGE_HANDLER: True}
     assert record.handler_statuses() == {CHALLENGE_HANDLER: "done", WELCOME: "pending"}
 
     assert run(result) == "done"
@@ -184,7 +188,7 @@ def test_django_tasks_db_enqueues_in_the_claiming_transaction(
     with override_settings(TASKS=DATABASE):
         with transaction.atomic():
             challenge = Challenge.objects.create(title="Outbox")
-            # Saves inside a transaction are claimed when it commits: nothing yet.
+            # A transaction's saves are claimed when it commits: nothing yet.
             assert not DBTaskResult.objects.exists()
         # Claimed after the commit, with the task row in the claim's transaction, and
         # enqueued once.
@@ -205,7 +209,7 @@ def test_django_tasks_db_enqueues_in_the_claiming_transaction(
         # The claim and its task commit together: a claim that fails takes its task.
         with (
             patch(
-                "spark_decl.dispatch.CallRunner.record_outcomes",
+                "spark_decl.dispatch.CallRunner.run_claimed",
                 side_effect=RuntimeError("the claim's transaction fails"),
             ),
             transaction.atomic(),
@@ -213,12 +217,13 @@ def test_django_tasks_db_enqueues_in_the_claiming_transaction(
             failing = Challenge.objects.create(title="Claim fails")
         assert DBTaskResult.objects.count() == 1
         assert EventRecord.objects.count() == 1
-        # The save committed; the error is logged, and the batch produces the event again.
+        # The save committed; the error is logged, and the event waits in the outbox.
         assert Challenge.objects.filter(pk=failing.pk).exists()
+        assert OutboxEvent.objects.get().key == f"challenge_created_{failing.pk}"
         [record] = [r for r in caplog.records if r.name == "spark_decl"]
         assert record.levelname == "ERROR"
         assert f"challenge_created_{failing.pk}" in record.getMessage()
-        assert "process_spark_sources" in record.getMessage()
+        assert "retry_spark_events --stale-after" in record.getMessage()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -560,8 +565,8 @@ def test_a_claim_made_while_handlers_are_suppressed_is_enqueued_at_its_commit() 
     with override_settings(TASKS=DATABASE), transaction.atomic():
         with capture_events(run_handlers=False):
             challenge = Challenge.objects.create(title="Outlived the capture")
-        # Suppressed when claimed: not written with the claim...
+        # Handlers off when claimed: not enqueued with the claim...
         assert not DBTaskResult.objects.exists()
-    # ...but the dispatch after commit is not suppressed, so it is enqueued then.
+    # ...but they are on when it commits, so it is enqueued then.
     [task] = DBTaskResult.objects.all()
     assert task.args_kwargs["kwargs"]["key"] == f"challenge_created_{challenge.pk}"

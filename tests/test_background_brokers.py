@@ -31,8 +31,8 @@ from django.urls import path
 
 from spark_decl import Event, handles
 from spark_decl._tasks import BaseTaskBackend, DummyBackend, TaskResult
-from spark_decl.background import get_task
 from spark_decl.conf import get_settings
+from spark_decl.enqueue import get_task
 from spark_decl.models import HandlerOutcome
 from spark_decl.registry import Registry
 from tests import workers

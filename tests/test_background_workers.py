@@ -21,8 +21,8 @@ from django.core.management import call_command
 from django.test import override_settings
 from django_tasks_db.models import DBTaskResult
 
-from spark_decl.background import get_task
-from spark_decl.models import EventRecord, HandlerOutcome
+from spark_decl.enqueue import get_task
+from spark_decl.models import EventRecord, HandlerOutcome, OutboxEvent
 from spark_decl.registry import Registry
 from tests import workers
 from tests.testapp.models import Challenge, HandlerLog
@@ -192,9 +192,10 @@ def test_the_database_backend_without_its_app_is_a_clear_error(
         assert save.finish() == 0
     finally:
         pool.stop_all()
-    assert "Could not claim the events of a committed transaction's saves" in save.stderr
+    assert "Could not claim the events of a committed transaction" in save.stderr
     assert "BackgroundUnavailable: The task backend 'default' is " in save.stderr
     assert "but 'django_tasks_db' is not in INSTALLED_APPS: add it" in save.stderr
-    # Refused before anything was claimed: the batch produces the event once it works.
+    # Refused before anything was claimed: the event waits in the outbox.
     assert Challenge.objects.count() == 1
     assert not EventRecord.objects.exists()
+    assert OutboxEvent.objects.count() == 1

@@ -21,13 +21,13 @@ from django.utils import timezone
 from pytest_django import Settings
 
 from spark_decl import Event, event, event_source, handles, process_queryset
-from spark_decl.dispatch import DispatchResult
 from spark_decl.exceptions import InvalidContext, RegistrationError
 from spark_decl.management.commands.process_spark_sources import Command
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry, SourceSpec, function_name
-from spark_decl.sources import BatchResult, Mode, process_model
+from spark_decl.sources import process_model
 from spark_decl.testing import capture_events
+from spark_decl.types import BatchResult, DispatchResult, Mode
 from tests.conftest import logged_keys
 from tests.testapp.models import Challenge, Donation, HandlerLog
 

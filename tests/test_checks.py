@@ -15,7 +15,7 @@ from django.core.management.base import SystemCheckError
 from django.db import connection, models
 from django.test.utils import isolate_apps, override_settings
 
-import spark_decl.claims
+import spark_decl.vendors
 from spark_decl import Event, api, event, event_source, handles, only_new_events
 from spark_decl.exceptions import UnsupportedDatabase
 from spark_decl.models import EventRecord
@@ -36,7 +36,7 @@ def test_no_error_on_the_test_database() -> None:
 @pytest.mark.django_db
 def test_old_sqlite_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(connection, "vendor", "sqlite")
-    monkeypatch.setattr(spark_decl.claims, "MIN_SQLITE", (99, 0, 0))
+    monkeypatch.setattr(spark_decl.vendors, "MIN_SQLITE", (99, 0, 0))
     (error,) = spark_errors()
     assert error.obj == "default"
     assert "SQLite >= 99.0.0" in error.msg
@@ -58,7 +58,7 @@ def test_claiming_on_an_unsupported_database_raises_before_writing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(connection, "vendor", "sqlite")
-    monkeypatch.setattr(spark_decl.claims, "MIN_SQLITE", (99, 0, 0))
+    monkeypatch.setattr(spark_decl.vendors, "MIN_SQLITE", (99, 0, 0))
     with pytest.raises(UnsupportedDatabase, match=r"SQLite >= 99\.0\.0"):
         list(only_new_events([event("g", 1)]))
     monkeypatch.undo()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,6 @@ from io import StringIO
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from django.core.management import call_command
 from django.db import IntegrityError, OperationalError, connection, transaction
@@ -31,7 +29,6 @@ from spark_decl.registry import Registry
 from spark_decl.validation import validate_event
 from tests.conftest import (
     CHALLENGE_HANDLER,
-    DriverError,
     FailStatements,
     all_calls,
     handler_statuses,
@@ -423,37 +420,6 @@ def test_process_events_of_only_new_events_handles_each_event_once(
             process_events(only_new_events(events))
     assert recorder == ["g_1", "g_2", "g_3", "g_4", "g_5"]
     assert set(all_calls().values()) == {"done"}
-
-
-@pytest.mark.parametrize(
-    ("cause", "retryable"),
-    [
-        (psycopg.errors.DeadlockDetected("deadlock detected"), True),
-        (psycopg.errors.SerializationFailure("could not serialize access"), True),
-        (DriverError("deadlock detected", "40P01"), True),
-        (psycopg.errors.UniqueViolation("duplicate key value"), False),
-        (psycopg.errors.LockNotAvailable("canceling statement due to lock timeout"), False),
-        # A message is not a SQLSTATE: it changes with lc_messages.
-        (Exception("deadlock detected"), False),
-        (sqlite3.OperationalError("database is locked"), False),
-    ],
-    ids=repr,
-)
-def test_only_a_deadlock_or_a_serialization_failure_is_retryable(
-    cause: Exception, retryable: bool
-) -> None:
-    error = OperationalError(str(cause))
-    error.__cause__ = cause
-    assert claims.is_retryable(error) is retryable
-
-
-def test_a_psycopg2_error_is_recognised_by_its_pgcode() -> None:
-    class Psycopg2Error(Exception):
-        pgcode = "40P01"
-
-    error = OperationalError("deadlock detected")
-    error.__cause__ = Psycopg2Error("deadlock detected")
-    assert claims.is_retryable(error)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -25,7 +25,7 @@ from psycopg import sql
 from spark_decl import Event, event, process_queryset
 from spark_decl.claims import claim_events
 from spark_decl.models import EventRecord
-from spark_decl.sources import BatchResult
+from spark_decl.types import BatchResult
 from spark_decl.validation import validate_event
 from tests.conftest import all_calls, logged_keys, retry_warnings
 from tests.testapp.models import Challenge, HandlerLog
@@ -331,8 +331,8 @@ def insert_key(client: psycopg.Connection[tuple[Any, ...]], key: str) -> None:
     """Claim ``key`` the way another client would, in ``client``'s open transaction."""
     client.execute(
         sql.SQL(
-            'INSERT INTO {table} (key, "group", context, created_at, done_at_claim) '
-            "VALUES (%s, 'other', '{{}}', now(), '{{}}') ON CONFLICT (key) DO NOTHING"
+            'INSERT INTO {table} (key, "group", context, created_at) '
+            "VALUES (%s, 'other', '{{}}', now()) ON CONFLICT (key) DO NOTHING"
         ).format(table=sql.Identifier(EventRecord._meta.db_table)),
         [key],
     )

@@ -18,13 +18,12 @@ from spark_decl.context import (
     MAX_CONTEXT_BYTES,
     MAX_DEPTH,
     TAG,
-    ContextUnavailable,
     _dump,
     dump_context,
     dump_context_json,
     load_context,
 )
-from spark_decl.exceptions import InvalidContext
+from spark_decl.exceptions import ContextUnavailable, InvalidContext
 from spark_decl.models import EventRecord
 from tests.testapp.models import Challenge, Donation
 
@@ -246,7 +245,7 @@ json_scalars = (
     | st.booleans()
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(st.characters(exclude_characters="\x00"), max_size=10)
+    | st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=10)
 )
 typed_scalars = (
     st.dates()
@@ -263,7 +262,7 @@ typed_scalars = (
     | st.uuids()
 )
 dict_keys = st.sampled_from([TAG, "value", "model", "pk", "a"]) | st.text(
-    st.characters(exclude_characters="\x00"), max_size=5
+    st.characters(codec="utf-8", exclude_characters="\x00"), max_size=5
 )
 contexts = st.recursive(
     json_scalars | typed_scalars,

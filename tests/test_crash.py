@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from spark_decl.claims import seen_keys
-from spark_decl.models import EventRecord
+from spark_decl.models import EventRecord, OutboxEvent
 from tests import workers
 from tests.testapp.models import Challenge
 from tests.workers import Workers, assert_all_handled_once, assert_consistent
@@ -77,14 +77,13 @@ KILL_POINTS = {
         (3 * CHUNK, 3 * CHUNK),
         (2 * CALLS_PER_CHUNK + 1, 2 * CALLS_PER_CHUNK + 1),
     ),
-    # Chunk 2's keys are inserted (each call written done, in done_at_claim), and none of
-    # its calls has run.
+    # Chunk 2's keys are inserted, and none of its calls has run.
     "between_claims_and_their_calls": KillPoint(
         "claimed:3", SHARED_TRANSACTIONS, (2 * CHUNK, 2 * CHUNK), (2 * CALLS_PER_CHUNK,) * 2
     ),
     # Call 5 of chunk 2 is marked done (uncommitted) and its handler has not run yet. (A
-    # chunk's first call has no row to take: it runs in its claim's transaction, and
-    # stays in done_at_claim, as it succeeds.)
+    # chunk's first call has no row to take: it runs in its claim's transaction, which
+    # writes its row with its result.)
     "after_a_call_is_taken_before_its_handler_runs": KillPoint(
         f"taken:{2 * (CALLS_PER_CHUNK - 1) + 4}",
         EACH_CALL_COMMITS,
@@ -191,9 +190,9 @@ def test_a_retry_killed_midway_is_completed_by_the_next_retry(
 def test_a_process_killed_while_handling_its_saves_after_commit(
     pool: Workers, settings: dict[str, Any], claimed: int, done: int
 ) -> None:
-    """Events from saves inside a transaction are claimed and handled after its commit:
-    killed in between, ``process_spark_sources`` claims what was not, and
-    ``retry_spark_events`` finishes what was."""
+    """Events from saves inside a transaction are written to its outbox, and claimed and
+    handled after its commit: killed in between, ``process_spark_sources`` claims what was
+    not, ``retry_spark_events`` finishes what was (and empties the outbox)."""
     saves = 300
     worker = pool.start("create", str(saves), settings=settings, pause_at=["handler:101"])
     worker.wait_paused()
@@ -206,6 +205,7 @@ def test_a_process_killed_while_handling_its_saves_after_commit(
     assert pool.batch().startswith(f"{saves} rows, {saves} events, {saves - claimed} new, ")
     pool.retry()
     assert_all_handled_once(pks)
+    assert not OutboxEvent.objects.exists()
 
 
 @pytest.mark.parametrize("function", ["spark_decl", "api", "aio"])

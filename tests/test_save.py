@@ -14,7 +14,7 @@ from django.utils import timezone
 from pytest_django import DjangoCaptureOnCommitCallbacks
 
 from spark_decl import Event, handles
-from spark_decl.models import EventRecord, HandlerOutcome
+from spark_decl.models import EventRecord, HandlerOutcome, OutboxEvent
 from tests.conftest import CHALLENGE_HANDLER, all_calls, logged_keys
 from tests.testapp.models import Challenge, Donation, HandlerLog
 from tests.testapp.spark import ChallengeContext
@@ -35,10 +35,6 @@ def test_a_save_claims_and_handles_its_events_once() -> None:
         "challenge": {"__spark__": "model", "model": "testapp.challenge", "pk": challenge.pk}
     }
     assert record.created_at <= timezone.now()
-    # The call succeeded in the claiming transaction: it is recorded on the event, and
-    # has no outcome row.
-    assert record.done_at_claim == {CHALLENGE_HANDLER: True}
-    assert not record.outcomes.exists()
     assert record.handler_statuses() == {CHALLENGE_HANDLER: "done"}
 
     challenge.title = "Run again"
@@ -83,8 +79,10 @@ def test_handlers_run_only_after_the_saving_transaction_commits() -> None:
     with transaction.atomic():
         challenge = Challenge.objects.create(title="In a transaction")
         key = f"challenge_created_{challenge.pk}"
-        # The events wait for the commit: not even claimed yet ...
-        assert not EventRecord.objects.filter(key=key).exists()
+        # The events are written to the outbox, in the saving transaction, and claimed at
+        # its commit ...
+        assert list(OutboxEvent.objects.values_list("key", flat=True)) == [key]
+        assert not EventRecord.objects.exists()
         order.append("body continues")
         # ... but nothing ran yet, not even when a nested atomic block commits.
         with transaction.atomic():
@@ -95,6 +93,7 @@ def test_handlers_run_only_after_the_saving_transaction_commits() -> None:
     assert order == ["body continues", "body ends", f"handler {key}", "after commit"]
     assert logged_keys() == [key]
     assert EventRecord.objects.get().key == key
+    assert not OutboxEvent.objects.exists()
 
 
 @pytest.mark.django_db(transaction=True)

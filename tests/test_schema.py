@@ -125,9 +125,9 @@ def test_an_event_row_costs_the_index_writes_of_its_key_and_group_only() -> None
     assert EventRecord._meta.ordering == ["-pk"]
 
 
-def test_an_event_inserted_without_done_at_claim_has_none() -> None:
-    """The column has a database default, so SQL that predates it (such as the migration
-    guide's copy of django-spark's keys) still inserts events."""
+def test_an_event_inserted_by_plain_sql_owes_nothing() -> None:
+    """SQL outside spark_decl (such as the migration guide's copy of django-spark's keys)
+    inserts events with the four columns it knows."""
     with connection.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {EventRecord._meta.db_table} "
@@ -135,5 +135,4 @@ def test_an_event_inserted_without_done_at_claim_has_none() -> None:
             ["raw_1", "raw", "{}", timezone.now()],
         )
     record = EventRecord.objects.get(key="raw_1")
-    assert record.done_at_claim == {}
     assert record.handler_statuses() == {}

@@ -619,18 +619,13 @@ class EventSourcingMachine(RuleBasedStateMachine):
         assert not records & only_rolled_back, records & only_rolled_back
         assert records <= self.must | self.may, records - self.must - self.may
 
-        # One outcome per matching handler, created with the claim: a row, or the call is
-        # in done_at_claim (done at its first attempt, in the claiming transaction).
-        outcomes: dict[tuple[str, str], tuple[str, int, str]] = {
-            (SHORT_NAMES[handler], key): ("done", 1, "")
-            for key, done in EventRecord.objects.values_list("key", "done_at_claim")
-            for handler in done
-        }
+        # One outcome per matching handler, created with the claim.
+        outcomes: dict[tuple[str, str], tuple[str, int, str]] = {}
         stored = HandlerOutcome.objects.values_list(
             "handler", "record__key", "status", "attempts", "last_error"
         )
         for handler, key, status, attempts, error in stored:
-            assert (SHORT_NAMES[handler], key) not in outcomes, "a row and done_at_claim"
+            assert (SHORT_NAMES[handler], key) not in outcomes, "two rows for one call"
             outcomes[SHORT_NAMES[handler], key] = (status, attempts, error)
         assert set(outcomes) == {(h, key) for key in records for h in handlers_of(key)}
 

@@ -442,8 +442,7 @@ def effects() -> Counter[tuple[str, str]]:
 
 
 def outcomes() -> dict[tuple[str, str], str]:
-    """Status of each (handler, key) call, the handler named as in :data:`HANDLERS`: from
-    the outcome rows and from ``done_at_claim`` (a call is in one, never both)."""
+    """Status of each (handler, key) call, the handler named as in :data:`HANDLERS`."""
     from tests.conftest import all_calls
 
     return {

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
 
-from spark_decl.background import enqueue_chunks
 from spark_decl.conf import get_settings
 from spark_decl.exceptions import BackgroundUnavailable, EnqueueFailed
 from spark_decl.registry import registry
-from spark_decl.sources import BatchResult, Mode, SkippedInstances, process_model
+from spark_decl.sources import SkippedInstances, enqueue_chunks, process_model
+from spark_decl.types import BatchResult, Mode
 
 if TYPE_CHECKING:
     from django.db.models import Model

@@ -139,6 +139,12 @@ class Command(BaseCommand):
             f"{result.skipped} skipped (done elsewhere), "
             f"{result.unknown_handler} with no registered handler"
         )
+        if result.recovered:
+            self.stdout.write(
+                f"{result.recovered} event(s) of transactions that committed without their "
+                "claim (a process died) were claimed from the outbox; their calls are "
+                "counted above."
+            )
         if not ignore_schedule:
             self._report_waiting(waiting_calls(group=group, handler=handler))
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from spark_decl.inspection import STATUSES, Inspection, SourceInfo, inspect_spark
+from spark_decl.inspection import Inspection, SourceInfo, inspect_spark
+from spark_decl.outcomes import STATUSES
 
 
 class Command(BaseCommand):

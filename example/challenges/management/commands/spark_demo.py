@@ -231,10 +231,7 @@ class Command(BaseCommand):
     def event_table(self) -> None:
         rows = [("key", "group", "handler", "status", "attempts")]
         for record in EventRecord.objects.order_by("pk").prefetch_related("outcomes"):
-            # A call done at its first attempt, when the event was claimed, is recorded on
-            # the event itself; any other call has an outcome row.
-            calls = [(name, "done", 1) for name in record.done_at_claim]
-            calls += [(o.handler, o.status, o.attempts) for o in record.outcomes.all()]
+            calls = [(o.handler, o.status, o.attempts) for o in record.outcomes.all()]
             for handler, status, attempts in calls:
                 rows.append(
                     (

@@ -1,12 +1,11 @@
-"""Background handlers and chunked batches on Django's tasks framework.
+"""Enqueueing background calls on Django's tasks framework: the saving side.
 
 spark_decl builds no queue: a background call is the task
 :func:`spark_decl.tasks.run_background_handler`, enqueued on the backend Django's ``TASKS``
 setting names (``SPARK_DECL["TASK_BACKEND"]``, default ``"default"``) with JSON arguments:
-the handler's dotted name and the event key. The worker loads the stored event, rebuilds
-its context (model instances fetched again) and runs the handler like every other call:
-atomically, taking the call's outcome row from ``pending`` to ``done`` in the handler's
-own transaction. A task delivered twice therefore runs the handler once.
+the handler's dotted name and the event key. The call's ``pending`` row is written with the
+claim; the worker takes it like any other call (``spark_decl.tasks``), so a task
+delivered twice runs the handler once.
 
 When a call is enqueued:
 
@@ -24,10 +23,6 @@ ever on a broker that accepts connections and never answers: it enqueues in a da
 thread, and the caller waits at most ``SPARK_DECL["ENQUEUE_TIMEOUT"]``. A call whose task
 was not taken by then stays ``pending``; if the thread gets it through later, the task
 still runs the call at most once (the outcome row's conditional ``UPDATE``).
-
-A worker that dies mid-task leaves the call ``pending`` (its transaction rolled back), so
-``retry_spark_events --stale-after`` finishes it too, in the retrying process; a call
-that was done is never run again.
 """
 
 from __future__ import annotations
@@ -35,24 +30,19 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from django.apps import apps
-from django.core.checks import Error, Warning, register
 from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
+from django.utils.module_loading import import_string
 
-from .calls import PENDING, Call, CallRunner, report_failure
+from .calls import Call, report_failure
 from .conf import get_settings
-from .context import ContextUnavailable, dump_context, load_context
-from .exceptions import BackgroundUnavailable, EnqueueFailed, SparkError
-from .registry import registry
+from .context import dump_context
+from .exceptions import BackgroundUnavailable, EnqueueFailed
 
 if TYPE_CHECKING:
-    from django.core.checks import CheckMessage
-    from django.db.models import Model
-
     from ._tasks import BaseTaskBackend, Task
     from .types import Event
 
@@ -67,10 +57,6 @@ MISSING_FRAMEWORK = (
 DATABASE_BACKEND = "django_tasks_db.backend.DatabaseBackend"
 
 TaskName = Literal["run_background_handler", "process_source_chunk"]
-
-
-class SourceErrors(SparkError):
-    """Sources raised for some rows of an enqueued chunk; the other rows were processed."""
 
 
 def framework_available() -> bool:
@@ -138,7 +124,7 @@ def enqueues_in_process(backend: BaseTaskBackend) -> bool:
 
 
 def get_task(name: TaskName) -> Task[..., Any]:
-    """One of :mod:`spark_decl.tasks`, on the configured backend and queue.
+    """One of ``spark_decl.tasks``, on the configured backend and queue.
 
     Raises :class:`~spark_decl.exceptions.BackgroundUnavailable` if the backend cannot
     take it (no tasks framework, unknown backend, a queue the backend does not serve).
@@ -148,9 +134,9 @@ def get_task(name: TaskName) -> Task[..., Any]:
 
     config = get_settings()
     try:
-        from . import tasks
-
-        task: Task[..., Any] = getattr(tasks, name)
+        # Found by its dotted path, as a worker finds it: spark_decl.tasks is an entry
+        # point, above this module (and defining a task needs the settings).
+        task: Task[..., Any] = import_string(f"spark_decl.tasks.{name}")
         if task.backend != config.TASK_BACKEND or task.queue_name != config.TASK_QUEUE:
             task = task.using(backend=config.TASK_BACKEND, queue_name=config.TASK_QUEUE)
     except (InvalidTask, InvalidTaskBackend) as exc:
@@ -276,7 +262,7 @@ def _enqueue(task: Task[..., Any], calls: Sequence[Call], *, using: str, robust:
         error = outcomes[index] if index < len(outcomes) else unsettled
         if error is None:
             enqueued += 1
-        elif call.outcome_id is None:
+        elif call.record_id is None:
             report_failure(call.spec, call.event, error)
         else:
             logger.error(
@@ -292,7 +278,7 @@ def _enqueue(task: Task[..., Any], calls: Sequence[Call], *, using: str, robust:
 
 def _task_kwargs(call: Call, using: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"handler": call.spec.name, "key": call.event["key"]}
-    if call.outcome_id is None:
+    if call.record_id is None:
         # Not claimed, so not stored: the worker gets the event itself.
         kwargs["event"] = {
             "group": call.event["group"],
@@ -307,202 +293,3 @@ def check_enqueueable(event: Event[Any]) -> None:
     """Refuse, now, an unclaimed event whose background handlers could not get its
     context (it must be storable as JSON; model instances travel as references)."""
     dump_context(event["context"], key=event["key"])
-
-
-# -- the worker side --------------------------------------------------------------------------
-
-
-def run_call(
-    handler: str,
-    key: str,
-    *,
-    event: dict[str, Any] | None = None,
-    using: str = DEFAULT_DB_ALIAS,
-) -> str:
-    """Run one background call in this process; what the task does. See
-    :func:`spark_decl.tasks.run_background_handler`."""
-    from .models import HandlerOutcome
-    from .retry import record_unavailable, resolve_handler
-
-    spec = resolve_handler(handler)
-    if event is not None:
-        call = Call(
-            spec,
-            {"group": event["group"], "key": key, "context": load_context(event["context"])},
-        )
-    else:
-        outcome = (
-            HandlerOutcome.objects.using(using)
-            .select_related("record")
-            .filter(record__key=key, handler=spec.name)
-            .first()
-        )
-        if outcome is None:
-            logger.warning(
-                "Background call of %s for event %r skipped: no such call is recorded "
-                "(the event was pruned, or never routed to this handler).",
-                spec.name,
-                key,
-            )
-            return "skipped"
-        if outcome.status != PENDING:
-            # Done already (a task delivered twice, or retry_spark_events was first), or
-            # failed: retries belong to retry_spark_events.
-            return "skipped"
-        try:
-            context = load_context(outcome.record.context)
-        except ContextUnavailable as exc:
-            record_unavailable(outcome, exc, using=using)
-            raise
-        call = Call(
-            spec, {"group": outcome.record.group, "key": key, "context": context}, outcome.pk
-        )
-    result = CallRunner(using).run([call])
-    failures = [failure.exception for failure in result.failures]
-    result.report()
-    if failures:
-        # Recorded (and reported) already: fail the task too, so the backend shows it.
-        raise failures[0]
-    return "skipped" if result.skipped else "done"
-
-
-# -- batches in chunks ------------------------------------------------------------------------
-
-
-def enqueue_chunks(
-    model: type[Model],
-    *,
-    chunk_size: int,
-    mode: str = "handle",
-    using: str = DEFAULT_DB_ALIAS,
-    on_chunk: Callable[[int], None] | None = None,
-) -> int:
-    """Split the rows each group of ``model``'s sources scans into ranges of
-    ``chunk_size`` primary keys and enqueue one :func:`~spark_decl.tasks.process_source_chunk`
-    per range; returns the number of tasks. The last range is open-ended, so rows created
-    meanwhile are included. Reads one primary key per chunk.
-
-    Raises :class:`~spark_decl.exceptions.EnqueueFailed` if the backend refuses a task or
-    does not take it within ``SPARK_DECL["ENQUEUE_TIMEOUT"]``."""
-    from .sources import source_querysets
-
-    task = get_task("process_source_chunk")
-    backend = task.get_backend()
-    outbox = enqueues_with_claims(using)
-    enqueued = 0
-    for queryset, specs in source_querysets(model):
-        names = [spec.name for spec in specs]
-        pks = queryset.using(using).order_by("pk").values_list("pk", flat=True)
-        # With an outbox backend, all of a model's chunk tasks commit together.
-        with transaction.atomic(using=using) if outbox else nullcontext():
-            after: Any = None
-            while True:
-                page = pks if after is None else pks.filter(pk__gt=after)
-                boundary = list(page[chunk_size - 1 : chunk_size])
-                upto = boundary[0] if boundary else None
-                if upto is None and not page.exists():
-                    break
-                kwargs: dict[str, Any] = {
-                    "model": model._meta.label,
-                    "sources": names,
-                    "after": _json_pk(after),
-                    "upto": _json_pk(upto),
-                    "mode": mode,
-                }
-                if using != DEFAULT_DB_ALIAS:
-                    kwargs["database"] = using
-                enqueue_within_bound(backend, partial(task.enqueue, **kwargs))
-                enqueued += 1
-                if on_chunk is not None:
-                    on_chunk(enqueued)
-                if upto is None:
-                    break
-                after = upto
-    return enqueued
-
-
-def _json_pk(value: object) -> Any:
-    return value if value is None or type(value) in (int, str) else str(value)
-
-
-def run_chunk(
-    model: str,
-    sources: list[str],
-    *,
-    after: Any,
-    upto: Any,
-    mode: str = "handle",
-    using: str = DEFAULT_DB_ALIAS,
-) -> dict[str, int]:
-    """Process one enqueued chunk; what :func:`~spark_decl.tasks.process_source_chunk` does."""
-    from .sources import Mode, SkippedInstances, process_queryset, source_querysets
-
-    model_class = apps.get_model(model)
-    wanted = set(sources)
-    groups = [
-        (queryset, specs)
-        for queryset, specs in source_querysets(model_class)
-        if {spec.name for spec in specs} == wanted
-    ]
-    if not groups:
-        known = sorted(spec.name for spec in registry.sources(model_class))
-        raise SparkError(
-            f"The sources {sorted(wanted)} of {model} are not registered (together) in this "
-            f"process; registered: {known}. Do workers run the same code as the enqueuer?"
-        )
-    queryset, specs = groups[0]
-    queryset = queryset.using(using)
-    pk = model_class._meta.pk
-    assert pk is not None
-    if after is not None:
-        queryset = queryset.filter(pk__gt=pk.to_python(after))
-    if upto is not None:
-        queryset = queryset.filter(pk__lte=pk.to_python(upto))
-    skipped = SkippedInstances()
-    result = process_queryset(queryset, sources=specs, mode=Mode(mode), on_source_error=skipped)
-    if skipped.messages:
-        raise SourceErrors(skipped.summary())
-    return {
-        "rows": result.rows,
-        "events": result.events,
-        "new": result.new,
-        "handled": result.dispatch.calls,
-        "failed": result.dispatch.failed,
-        "enqueued": result.dispatch.enqueued,
-    }
-
-
-# -- system checks -----------------------------------------------------------------------------
-
-
-@register()
-def check_background(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    """spark_decl.E010 and W010: background handlers whose calls could not run."""
-    background = sorted(spec.name for spec in registry.handlers() if spec.background)
-    if not background:
-        return []
-    try:
-        get_task("run_background_handler")
-    except BackgroundUnavailable as exc:
-        return [
-            Error(
-                f"{len(background)} handler(s) have background=True, e.g. {background[0]}, "
-                f"but their calls cannot be enqueued: {exc}",
-                hint="Install and configure Django's tasks framework (the TASKS setting), "
-                "or register the handlers without background=True.",
-                id="spark_decl.E010",
-            )
-        ]
-    from ._tasks import DummyBackend
-
-    if isinstance(get_backend(), DummyBackend):
-        return [
-            Warning(
-                f"The task backend {get_settings().TASK_BACKEND!r} is a DummyBackend: the "
-                f"calls of {len(background)} background handler(s), e.g. {background[0]}, "
-                "are enqueued but never run.",
-                hint="Use a backend with workers (e.g. django-tasks-db) outside tests.",
-                id="spark_decl.W010",
-            )
-        ]
-    return []
