@@ -40,5 +40,8 @@ class SparkDeclConfig(SimpleSparkDeclConfig):
 
 
 def autodiscover() -> None:
-    """Import the ``spark`` module of every installed app, as the admin does with ``admin``."""
-    autodiscover_modules("spark")
+    """Import the ``spark`` module of every installed app, as the admin does with ``admin``:
+    a module that fails to import raises, with nothing of it left registered."""
+    from .registry import registry
+
+    autodiscover_modules("spark", register_to=registry)

@@ -90,6 +90,18 @@ def test_autodiscover_imports_the_spark_module_of_every_app() -> None:
     assert len(registry.sources(Challenge)) == 2
 
 
+@pytest.mark.usefixtures("isolated_registry")
+def test_a_spark_module_that_fails_to_import_leaves_nothing_registered() -> None:
+    before = {spec.name for spec in registry.handlers()}
+    with (
+        pytest.raises(ImportError, match=r"tests\.brokenapp\.spark cannot be imported"),
+        override_settings(INSTALLED_APPS=[*settings.INSTALLED_APPS, "tests.brokenapp"]),
+    ):
+        pass  # the app registry imports the module when the settings change
+    assert {spec.name for spec in registry.handlers()} == before
+    assert registry.get_handler("tests.brokenapp.spark.half_registered") is None
+
+
 @pytest.mark.parametrize(
     ("entry", "discovers"),
     [("spark_decl", True), ("spark_decl.apps.SimpleSparkDeclConfig", False)],
