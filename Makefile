@@ -24,11 +24,13 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Style; types with mypy (mypy.ini) and pyright ([tool.pyright] in pyproject.toml, what VS
+# The layers (import-linter: [tool.importlinter] in pyproject.toml); style; types with mypy
+# (mypy.ini) and pyright ([tool.pyright] in pyproject.toml, what VS
 # Code's Pylance runs), both including the type tests tests/typing_pass.py and
 # tests/typing_fail.py; models without a migration. pyright runs on the Node.js and the
 # pyright that its wheels bring: nothing is downloaded, nor a newer version looked up.
 lint: $(VENV)/.installed
+	$(BIN)/lint-imports
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy spark_decl tests $(wildcard example)
