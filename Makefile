@@ -1,5 +1,6 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
 # Both create the virtualenv and install everything on first use.
+# `make screenshots` retakes the admin screenshots in the docs (docs/console.rst): see below.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ DJANGO ?= Django>=5.2,<5.3
 EXTRAS ?= dev,docs,backport
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint docs bench clean
+.PHONY: demo test lint docs screenshots bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,12 +34,23 @@ lint: $(VENV)/.installed
 	$(BIN)/lint-imports
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy spark_decl tests $(wildcard example)
+	$(BIN)/mypy spark_decl tests $(wildcard example) $(wildcard scripts)
 	PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(BIN)/pyright --pythonpath $(BIN)/python
 	DJANGO_SETTINGS_MODULE=tests.settings $(BIN)/python -m django makemigrations --check --dry-run
 
 docs: $(VENV)/.installed
 	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+# The admin's operations console in headless Chromium, for docs/console.rst: demo data in a
+# throwaway SQLite database, the example project on a free port, one PNG per page of
+# scripts/screenshots.py's PAGES written to docs/_static/screenshots/, each checked (the page
+# is the logged-in admin page expected; the PNG has the window's size, is no blank page).
+# Installs Debian's chromium first if there is no chromium or chromium-browser (as root).
+screenshots: $(VENV)/.installed
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium fonts-dejavu-core; }
+	$(BIN)/python scripts/screenshots.py $(SCREENSHOTS_ARGS)
 
 # spark_decl vs django-spark 0.3.0 (own venv .venv-bench, Python 3.11); see benchmarks/README.md.
 # e.g. make bench BENCH_ARGS="--postgres --json bench.json"
