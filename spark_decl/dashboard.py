@@ -250,11 +250,15 @@ def handler_panel(
         )
     if opened.given_up:
         open_calls.append((Link(f"{opened.given_up} given up", events_of(GIVEN_UP)), ""))
+    failing = bool(handler.recent.failure_rate)
     failing_since = None
     if handler.first_failure and handler.last_failure:
+        first, last = when(handler.first_failure, now), when(handler.last_failure, now)
         failing_since = (
-            f"failing since {when(handler.first_failure, now)}, "
-            f"last failure {when(handler.last_failure, now)}"
+            f"failing since {first}, last failure {last}"
+            if failing
+            else f"first failure {first}, last failure {last}, none in the last "
+            f"{describe_duration(RECENT)}"
         )
     bars = [
         Bar(
@@ -289,7 +293,7 @@ def handler_panel(
             if counts.total
         ],
         failure_rate=describe_rate(handler.recent),
-        failing=bool(handler.recent.failure_rate),
+        failing=failing,
         open_calls=open_calls,
         stuck=bool(opened.oldest_pending and now - opened.oldest_pending > PENDING_TOO_LONG),
         failing_since=failing_since,

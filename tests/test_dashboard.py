@@ -153,6 +153,18 @@ def test_a_failing_handler_is_the_headline_with_its_rate_and_since_when(
     assert "5: 3 done, 2 failed, 0 given up, 0 pending" in section
 
 
+def test_failures_that_stopped_are_not_failing_since(admin_client: Client) -> None:
+    claim("challenge_created", NOW - timedelta(hours=6), {CHALLENGE_HANDLER: "failed"})
+    claim("challenge_created", NOW - timedelta(hours=4), {CHALLENGE_HANDLER: "failed"})
+    claim("challenge_created", NOW - timedelta(minutes=30), {CHALLENGE_HANDLER: "done"})
+
+    content = page(admin_client)
+
+    assert "<dd>first failure 08:20, last failure 10:20, none in the last 1 h</dd>" in content
+    assert "failing since" not in content
+    assert "<dd>0% (0 of 1 calls that ran failed)</dd>" in content
+
+
 def test_a_stuck_pending_call_shows_how_long_it_waited(admin_client: Client) -> None:
     claim("challenge_created", NOW - timedelta(hours=2, minutes=5), {CHALLENGE_HANDLER: "pending"})
     claim("challenge_created", NOW - timedelta(minutes=1), {CHALLENGE_HANDLER: "pending"})
