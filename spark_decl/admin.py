@@ -16,10 +16,12 @@ from django.contrib.auth import get_permission_codename
 from django.db.models import Count, Exists, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
+from django.urls import URLPattern
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 
+from .dashboard import dashboard_urls
 from .models import EventRecord, HandlerOutcome
 from .outcomes import TRACEBACK_MAX_CHARS, clip
 from .retry import retry_records
@@ -177,6 +179,11 @@ class EventRecordAdmin(ReadOnlyMixin, ModelAdminBase):
     inlines = (HandlerOutcomeInline,)
     actions = ("retry_failed_handlers",)
     show_full_result_count = False
+    # The list with a link to the Event health page (spark_decl.dashboard).
+    change_list_template = "admin/spark_decl/eventrecord/change_list.html"
+
+    def get_urls(self) -> list[URLPattern]:
+        return [*dashboard_urls(self), *super().get_urls()]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[EventRecord]:
         # Counts as correlated subqueries: one query for the whole page, computed only for
