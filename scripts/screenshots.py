@@ -92,7 +92,7 @@ PAGES: Sequence[Page] = (
         "SMTPRecipientsRefused",
         args=lambda demo: (demo.failed_event,),
     ),
-    Page("dashboard.png", "admin:spark_decl_dashboard"),
+    Page("dashboard.png", "admin:spark_decl_dashboard", "Event health"),
 )
 
 
