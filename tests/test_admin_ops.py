@@ -174,6 +174,16 @@ def test_the_changelist_query_count_does_not_grow_with_the_page(
 # -- the change page ------------------------------------------------------------------------
 
 
+def test_a_long_error_wraps(admin_client: Client, broken: Broken) -> None:
+    record = EventRecord.objects.get(key="order_paid_2")
+    content = admin_client.get(change_url(record)).content.decode()
+    assert (
+        '<span class="spark-decl-wrap">ConnectionError: SMTP down for order_paid_2</span>'
+        in content
+    )
+    assert "spark_decl/admin.css" in content
+
+
 def test_the_change_page_shows_each_outcome_with_its_traceback(
     admin_client: Client, broken: Broken
 ) -> None:
@@ -183,7 +193,11 @@ def test_the_change_page_shows_each_outcome_with_its_traceback(
         assert escape(name) in content
     assert "ConnectionError: SMTP down for order_placed_1" in content
     failed = HandlerOutcome.objects.get(record=record, handler=broken.mailer)
-    pre = re.search(r"<pre>(Traceback \(most recent call last\):.*?)</pre>", content, re.S)
+    pre = re.search(
+        r'<pre class="spark-decl-wrap">(Traceback \(most recent call last\):.*?)</pre>',
+        content,
+        re.S,
+    )
     assert pre is not None
     assert "raise ConnectionError(f&quot;SMTP down for" in pre.group(1)
     assert failed.next_attempt_at is not None
@@ -227,7 +241,9 @@ def test_a_huge_traceback_is_shown_with_its_head_and_tail(
     huge = "Traceback (most recent call last):\n" + "  frame\n" * 200_000 + "ValueError: end"
     HandlerOutcome.objects.filter(record=record, handler=broken.mailer).update(traceback=huge)
     content = admin_client.get(change_url(record)).content.decode()
-    assert re.search(r"<pre>Traceback \(most recent call last\):\n  frame\n", content)
+    assert re.search(
+        r'<pre class="spark-decl-wrap">Traceback \(most recent call last\):\n  frame\n', content
+    )
     assert re.search(r"\[\.\.\. [\d,]+ characters cut \.\.\.\]", content)
     assert "ValueError: end</pre>" in content
     assert len(content) < TRACEBACK_MAX_CHARS + 100_000
