@@ -19,8 +19,8 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import quote
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import ValidationError
-from django.db.models import Count, Exists, Model, OuterRef, QuerySet, Subquery
-from django.db.models.functions import Coalesce
+from django.db.models import Count, Exists, F, Model, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce, Left
 from django.http import HttpRequest
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import escape, format_html
@@ -33,6 +33,10 @@ from .outcomes import TRACEBACK_MAX_CHARS, clip
 from .retry import retry_records
 
 CONTEXT_PREVIEW_CHARS = 5_000
+#: The list's "problem" column shows this much of the problem; its title all of it, up to
+#: PROBLEM_ERROR_CHARS of the error (the change page has the whole error).
+PROBLEM_CHARS = 120
+PROBLEM_ERROR_CHARS = 1_000
 # The class of the admin's <pre> and error text: stylesheet spark_decl/admin.css wraps it.
 WRAP_CLASS = "spark-decl-wrap"
 # The filters' query parameters. Constants, because django-stubs declares
@@ -180,6 +184,36 @@ def is_history(outcome: HandlerOutcome) -> bool:
     wrong (and may again), but it is no longer the call's state.
     """
     return outcome.status == HandlerOutcome.Status.DONE
+
+
+# -- the list's "problem" column ---------------------------------------------------------------
+
+# The states in which a call's error is its state; a done call's error is history.
+FAILING = ("failed", "given_up")
+
+
+def newest_problem(**column: Any) -> Subquery:
+    """One column (``name=expression``) of the event's newest failing call, as a subquery.
+
+    Correlated, like :func:`count_outcomes`: computed for the rows shown only, in the
+    page's one query."""
+    failing = HandlerOutcome.objects.filter(record=OuterRef("pk"), status__in=FAILING)
+    return Subquery(failing.order_by("-pk").values(**column)[:1])
+
+
+def describe_problem(handler: str, status: str, attempts: int, error: str) -> str:
+    """``send_mail failed (attempt 3): ValueError: boom``."""
+    if status == "given_up":
+        text = _("%(handler)s given up after %(attempts)d attempts") % {
+            "handler": handler,
+            "attempts": attempts,
+        }
+    else:
+        text = _("%(handler)s failed (attempt %(attempts)d)") % {
+            "handler": handler,
+            "attempts": attempts,
+        }
+    return f"{text}: {error}" if error else text
 
 
 # -- the stored context ------------------------------------------------------------------------
@@ -364,7 +398,7 @@ def render_reference(
 
 @admin.register(EventRecord)
 class EventRecordAdmin(ReadOnlyMixin, ModelAdminBase):
-    list_display = ("key", "group", "created_at", "outcome_summary")
+    list_display = ("key", "group", "created_at", "outcome_summary", "problem")
     list_filter = ("group", OutcomeStatusFilter, HandlerFilter, "created_at")
     search_fields = ("key",)
     # No date_hierarchy: created_at has no index (see EventRecord), and the hierarchy's
@@ -391,6 +425,11 @@ class EventRecordAdmin(ReadOnlyMixin, ModelAdminBase):
                 outcomes_total=count_outcomes(),
                 outcomes_done=count_outcomes(status__in=["done"]),
                 outcomes_failed=count_outcomes(status__in=["failed", "given_up"]),
+                problem_handler=newest_problem(value=F("handler")),
+                problem_status=newest_problem(value=F("status")),
+                problem_attempts=newest_problem(value=F("attempts")),
+                # One character more than shown: tells whether there is more.
+                problem_error=newest_problem(value=Left("last_error", PROBLEM_ERROR_CHARS + 1)),
             )
         )
 
@@ -436,6 +475,23 @@ class EventRecordAdmin(ReadOnlyMixin, ModelAdminBase):
         failed = getattr(obj, "outcomes_failed", 0)
         text = f"{done}/{total} done"
         return f"{text}, {failed} failed" if failed else text
+
+    @admin.display(description=_("problem"))
+    def problem(self, obj: EventRecord) -> SafeString | str:
+        handler = getattr(obj, "problem_handler", None)
+        if not handler:
+            return "-"
+        error: str = getattr(obj, "problem_error", None) or ""
+        if len(error) > PROBLEM_ERROR_CHARS:
+            error = error[:PROBLEM_ERROR_CHARS] + "…"
+        text = describe_problem(
+            handler, getattr(obj, "problem_status", ""), getattr(obj, "problem_attempts", 0), error
+        )
+        # One line in the list, however the error is laid out.
+        short = " ".join(text.split())
+        if len(short) > PROBLEM_CHARS:
+            short = short[: PROBLEM_CHARS - 1] + "…"
+        return format_html('<span title="{}">{}</span>', text, short)
 
     @admin.display(description=_("context"))
     def context_preview(self, obj: EventRecord) -> SafeString:
