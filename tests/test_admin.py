@@ -342,3 +342,19 @@ def test_the_stylesheet_that_wraps_long_lines_is_on_the_pages(
         if path.is_file():
             relative = path.relative_to(package).as_posix()
             assert any(fnmatch(relative, pattern) for pattern in patterns), relative
+
+
+def test_a_context_nested_beyond_pythons_limits_is_reported(
+    admin_client: Client, db: None
+) -> None:
+    record = claim_with_context({})
+    # Deeper than Python can follow while rendering a page (SQLite takes at most 1,000
+    # levels): a row only SQL could write.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE spark_decl_eventrecord SET context = %s WHERE id = %s",
+            ["[" * 999 + "]" * 999, record.pk],
+        )
+    response = admin_client.get(reverse("admin:spark_decl_eventrecord_change", args=[record.pk]))
+    assert response.status_code == 200
+    assert "The context is nested too deeply to show." in response.content.decode()
