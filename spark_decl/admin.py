@@ -9,24 +9,37 @@ the same code as ``retry_spark_events``, and needs the *change* permission on ev
 from __future__ import annotations
 
 import json
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from django.apps import apps
 from django.contrib import admin, messages
+from django.contrib.admin.utils import quote
 from django.contrib.auth import get_permission_codename
-from django.db.models import Count, Exists, OuterRef, QuerySet, Subquery
-from django.db.models.functions import Coalesce
+from django.core.exceptions import ValidationError
+from django.db.models import Count, Exists, F, Model, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce, Left
 from django.http import HttpRequest
-from django.urls import URLPattern
-from django.utils.html import format_html
-from django.utils.safestring import SafeString
+from django.urls import NoReverseMatch, URLPattern, reverse
+from django.utils.html import escape, format_html
+from django.utils.safestring import SafeString, mark_safe
 from django.utils.translation import gettext_lazy as _
 
+from .context import TAG, load_context
 from .dashboard import dashboard_urls
 from .models import EventRecord, HandlerOutcome
 from .outcomes import TRACEBACK_MAX_CHARS, clip
 from .retry import retry_records
 
 CONTEXT_PREVIEW_CHARS = 5_000
+#: The list's "problem" column shows this much of the problem; its title all of it, up to
+#: PROBLEM_ERROR_CHARS of the error (the change page has the whole error).
+PROBLEM_CHARS = 120
+PROBLEM_ERROR_CHARS = 1_000
+# The class of the admin's <pre> and error text: stylesheet spark_decl/admin.css wraps it.
+WRAP_CLASS = "spark-decl-wrap"
 # The filters' query parameters. Constants, because django-stubs declares
 # SimpleListFilter.parameter_name as ``str | None``.
 STATUS_PARAMETER = "status"
@@ -142,9 +155,12 @@ class HandlerOutcomeInline(ReadOnlyMixin, InlineBase):
             return "-"
         if is_history(obj):
             return format_html(
-                "<em>{}</em><br>{}", _("error of an earlier attempt:"), obj.last_error
+                '<em>{}</em><br><span class="{}">{}</span>',
+                _("error of an earlier attempt:"),
+                WRAP_CLASS,
+                obj.last_error,
             )
-        return obj.last_error
+        return format_html('<span class="{}">{}</span>', WRAP_CLASS, obj.last_error)
 
     @admin.display(description=_("traceback"))
     def traceback_display(self, obj: HandlerOutcome) -> SafeString | str:
@@ -154,7 +170,12 @@ class HandlerOutcomeInline(ReadOnlyMixin, InlineBase):
         # is cut the same way, keeping the first and the last exception.
         text = clip(obj.traceback, TRACEBACK_MAX_CHARS)
         summary = _("show (earlier attempt)") if is_history(obj) else _("show")
-        return format_html("<details><summary>{}</summary><pre>{}</pre></details>", summary, text)
+        return format_html(
+            '<details><summary>{}</summary><pre class="{}">{}</pre></details>',
+            summary,
+            WRAP_CLASS,
+            text,
+        )
 
 
 def is_history(outcome: HandlerOutcome) -> bool:
@@ -166,9 +187,219 @@ def is_history(outcome: HandlerOutcome) -> bool:
     return outcome.status == HandlerOutcome.Status.DONE
 
 
+# -- the list's "problem" column ---------------------------------------------------------------
+
+# The states in which a call's error is its state; a done call's error is history.
+FAILING = ("failed", "given_up")
+
+
+def newest_problem(**column: Any) -> Subquery:
+    """One column (``name=expression``) of the event's newest failing call, as a subquery.
+
+    Correlated, like :func:`count_outcomes`: computed for the rows shown only, in the
+    page's one query."""
+    failing = HandlerOutcome.objects.filter(record=OuterRef("pk"), status__in=FAILING)
+    return Subquery(failing.order_by("-pk").values(**column)[:1])
+
+
+def describe_problem(handler: str, status: str, attempts: int, error: str) -> str:
+    """``send_mail failed (attempt 3): ValueError: boom``."""
+    if status == "given_up":
+        text = _("%(handler)s given up after %(attempts)d attempts") % {
+            "handler": handler,
+            "attempts": attempts,
+        }
+    else:
+        text = _("%(handler)s failed (attempt %(attempts)d)") % {
+            "handler": handler,
+            "attempts": attempts,
+        }
+    return f"{text}: {error}" if error else text
+
+
+# -- the stored context ------------------------------------------------------------------------
+
+# Tags whose stored value rebuilds to a scalar without touching the database: what a
+# stored primary key may be besides an int or a str.
+SCALAR_TAGS = frozenset({"uuid", "decimal", "date", "datetime", "time"})
+# Where get_object leaves the request for context_preview, which Django calls with the
+# object alone (a per-request object: the admin instance is shared between threads).
+REQUEST_ATTRIBUTE = "_spark_decl_admin_request"
+
+
+# eq=False: each reference is one spot in the context (and its stored pk may be a list).
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """A model instance stored in a context: ``{"__spark__": "model", "model": ..., "pk": ...}``
+    (see :mod:`spark_decl.context`)."""
+
+    label: str
+    pk: Any
+
+    def text(self, label: str | None = None) -> str:
+        """``app.Model #pk``, with the stored label unless given the model's."""
+        pk = self.stored_pk()
+        shown = json.dumps(self.pk, sort_keys=True) if pk is None else str(pk)
+        return f"{label or self.label} #{shown}"
+
+    def stored_pk(self) -> object:
+        """The primary key as stored, rebuilt; ``None`` for what no key can be."""
+        pk = self.pk
+        if isinstance(pk, bool):
+            return None
+        if isinstance(pk, int | str):
+            return pk
+        if isinstance(pk, dict) and pk.get(TAG) in SCALAR_TAGS:
+            try:
+                return load_context(pk)
+            except Exception:
+                return None
+        return None
+
+
+Piece = str | Reference
+
+
+def as_reference(data: dict[str, Any]) -> Reference | None:
+    if data.get(TAG) != "model" or data.keys() != {TAG, "model", "pk"}:
+        return None
+    label = data["model"]
+    return Reference(label, data["pk"]) if isinstance(label, str) else None
+
+
+def context_pieces(data: Any, level: int = 0, *, user_dict: bool = False) -> Iterator[Piece]:
+    """The stored context as ``json.dumps(data, indent=2, sort_keys=True)`` writes it, with
+    each stored model instance as one :class:`Reference` instead of its JSON.
+
+    ``user_dict``: ``data`` is the value of a wrapped dict (``{"__spark__": "dict", ...}``),
+    the user's own, which is never a reference whatever its keys.
+    """
+    if isinstance(data, dict):
+        reference = None if user_dict else as_reference(data)
+        if reference is not None:
+            yield reference
+            return
+        if not data:
+            yield "{}"
+            return
+        wrapper = not user_dict and data.get(TAG) == "dict" and data.keys() == {TAG, "value"}
+        inner = "\n" + "  " * (level + 1)
+        yield "{"
+        for index, key in enumerate(sorted(data)):
+            yield f"{',' if index else ''}{inner}{json.dumps(key)}: "
+            yield from context_pieces(data[key], level + 1, user_dict=wrapper and key == "value")
+        yield "\n" + "  " * level + "}"
+    elif isinstance(data, list):
+        if not data:
+            yield "[]"
+            return
+        inner = "\n" + "  " * (level + 1)
+        yield "["
+        for index, item in enumerate(data):
+            yield f"{',' if index else ''}{inner}"
+            yield from context_pieces(item, level + 1)
+        yield "\n" + "  " * level + "]"
+    else:
+        yield json.dumps(data, default=str)
+
+
+def preview_pieces(data: Any, max_chars: int) -> tuple[list[Piece], int]:
+    """The first ``max_chars`` characters of the context's pieces, and how many it has in
+    all."""
+    shown: list[Piece] = []
+    total = 0
+    for piece in context_pieces(data):
+        size = len(piece) if isinstance(piece, str) else len(piece.text())
+        if total < max_chars:
+            if isinstance(piece, str) and total + size > max_chars:
+                shown.append(piece[: max_chars - total])
+            else:
+                shown.append(piece)
+        total += size
+    return shown, total
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What the page can say about a :class:`Reference`."""
+
+    model: type[Model] | None  # None: no installed model has the stored label
+    pk: object  # None: the stored primary key cannot be one of the model's
+    exists: bool
+
+
+def resolve(references: list[Reference]) -> dict[Reference, Resolved]:
+    """Look the references up: one query per model, whatever the number of references.
+
+    The model is the installed one the label names (``apps.get_model``): nothing a row
+    says is imported."""
+    by_label: dict[str, list[Reference]] = defaultdict(list)
+    for reference in references:
+        by_label[reference.label].append(reference)
+    resolved: dict[Reference, Resolved] = {}
+    for label, group in by_label.items():
+        try:
+            model = apps.get_model(label)
+        except (LookupError, ValueError):
+            resolved.update((reference, Resolved(None, None, False)) for reference in group)
+            continue
+        keys = {reference: primary_key(model, reference.stored_pk()) for reference in group}
+        wanted = {pk for pk in keys.values() if pk is not None}
+        found = set(model._base_manager.filter(pk__in=wanted).values_list("pk", flat=True))
+        resolved.update(
+            (reference, Resolved(model, pk, pk is not None and pk in found))
+            for reference, pk in keys.items()
+        )
+    return resolved
+
+
+def primary_key(model: type[Model], value: object) -> object:
+    """``value`` as a valid primary key of ``model``, or ``None``: a lookup with anything
+    else could fail the query (an int out of the column's range, a str for an int key)."""
+    field = model._meta.pk
+    if value is None:
+        return None
+    try:
+        pk = field.to_python(value)
+        field.run_validators(pk)
+    except (ValidationError, TypeError, ValueError):
+        return None
+    return pk
+
+
+def change_url(
+    site: admin.AdminSite, request: HttpRequest | None, model: type[Model], pk: object
+) -> str | None:
+    """The admin page of the ``model`` instance ``pk``, if ``site`` has one this user may
+    view."""
+    if request is None or not site.is_registered(model):
+        return None
+    if not site.get_model_admin(model).has_view_permission(request):
+        return None
+    opts = model._meta
+    try:
+        return reverse(
+            f"{site.name}:{opts.app_label}_{opts.model_name}_change", args=[quote(str(pk))]
+        )
+    except NoReverseMatch:
+        return None
+
+
+def render_reference(
+    reference: Reference, found: Resolved, site: admin.AdminSite, request: HttpRequest | None
+) -> SafeString:
+    if found.model is None:
+        return format_html("{} <em>{}</em>", reference.text(), _("(model not installed)"))
+    text = reference.text(found.model._meta.label)
+    if not found.exists:
+        return format_html("{} <em>{}</em>", text, _("(no longer exists)"))
+    url = change_url(site, request, found.model, found.pk)
+    return format_html('<a href="{}">{}</a>', url, text) if url else escape(text)
+
+
 @admin.register(EventRecord)
 class EventRecordAdmin(ReadOnlyMixin, ModelAdminBase):
-    list_display = ("key", "group", "created_at", "outcome_summary")
+    list_display = ("key", "group", "created_at", "outcome_summary", "problem")
     list_filter = ("group", OutcomeStatusFilter, HandlerFilter, "created_at")
     search_fields = ("key",)
     # No date_hierarchy: created_at has no index (see EventRecord), and the hierarchy's
@@ -185,6 +416,9 @@ class EventRecordAdmin(ReadOnlyMixin, ModelAdminBase):
     def get_urls(self) -> list[URLPattern]:
         return [*dashboard_urls(self), *super().get_urls()]
 
+    class Media:
+        css = {"all": ("spark_decl/admin.css",)}
+
     def get_queryset(self, request: HttpRequest) -> QuerySet[EventRecord]:
         # Counts as correlated subqueries: one query for the whole page, computed only for
         # the rows shown (a Count() over a join would make the filters' queries group the
@@ -197,8 +431,21 @@ class EventRecordAdmin(ReadOnlyMixin, ModelAdminBase):
                 outcomes_total=count_outcomes(),
                 outcomes_done=count_outcomes(status__in=["done"]),
                 outcomes_failed=count_outcomes(status__in=["failed", "given_up"]),
+                problem_handler=newest_problem(value=F("handler")),
+                problem_status=newest_problem(value=F("status")),
+                problem_attempts=newest_problem(value=F("attempts")),
+                # One character more than shown: tells whether there is more.
+                problem_error=newest_problem(value=Left("last_error", PROBLEM_ERROR_CHARS + 1)),
             )
         )
+
+    def get_object(
+        self, request: HttpRequest, object_id: str, from_field: str | None = None
+    ) -> EventRecord | None:
+        record = super().get_object(request, object_id, from_field)
+        if record is not None:
+            setattr(record, REQUEST_ATTRIBUTE, request)
+        return record
 
     def has_retry_permission(self, request: HttpRequest) -> bool:
         return has_event_permission(request, "change")
@@ -235,9 +482,41 @@ class EventRecordAdmin(ReadOnlyMixin, ModelAdminBase):
         text = f"{done}/{total} done"
         return f"{text}, {failed} failed" if failed else text
 
+    @admin.display(description=_("problem"))
+    def problem(self, obj: EventRecord) -> SafeString | str:
+        handler = getattr(obj, "problem_handler", None)
+        if not handler:
+            return "-"
+        error: str = getattr(obj, "problem_error", None) or ""
+        if len(error) > PROBLEM_ERROR_CHARS:
+            error = error[:PROBLEM_ERROR_CHARS] + "…"
+        text = describe_problem(
+            handler, getattr(obj, "problem_status", ""), getattr(obj, "problem_attempts", 0), error
+        )
+        # One line in the list, however the error is laid out.
+        short = " ".join(text.split())
+        if len(short) > PROBLEM_CHARS:
+            short = short[: PROBLEM_CHARS - 1] + "…"
+        return format_html('<span title="{}">{}</span>', text, short)
+
     @admin.display(description=_("context"))
     def context_preview(self, obj: EventRecord) -> SafeString:
-        text = json.dumps(obj.context, indent=2, sort_keys=True, default=str)
-        if len(text) > CONTEXT_PREVIEW_CHARS:
-            text = f"{text[:CONTEXT_PREVIEW_CHARS]}\n… ({len(text)} characters in all)"
-        return format_html("<pre>{}</pre>", text)
+        """The context as pretty JSON, each stored model instance a link to its admin page
+        (or saying that it no longer exists)."""
+        try:
+            pieces, total = preview_pieces(obj.context, CONTEXT_PREVIEW_CHARS)
+        except RecursionError:
+            return format_html("<p>{}</p>", _("The context is nested too deeply to show."))
+        references = [piece for piece in pieces if isinstance(piece, Reference)]
+        found = resolve(references)
+        request = getattr(obj, REQUEST_ATTRIBUTE, None)
+        html = [
+            render_reference(piece, found[piece], self.admin_site, request)
+            if isinstance(piece, Reference)
+            else escape(piece)
+            for piece in pieces
+        ]
+        if total > CONTEXT_PREVIEW_CHARS:
+            html.append(escape(f"\n… ({total} characters in all)"))
+        # Every piece is escaped above.
+        return format_html('<pre class="{}">{}</pre>', WRAP_CLASS, mark_safe("".join(html)))

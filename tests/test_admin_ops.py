@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from html import unescape
 from io import StringIO
 from typing import Any
 from urllib.parse import urlencode
@@ -18,7 +19,7 @@ from django.utils.html import escape
 from pytest_django import Settings
 
 from spark_decl import Event, event, handles, only_new_events, process_events
-from spark_decl.admin import CONTEXT_PREVIEW_CHARS
+from spark_decl.admin import CONTEXT_PREVIEW_CHARS, PROBLEM_CHARS, PROBLEM_ERROR_CHARS
 from spark_decl.dispatch import claim_and_run
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.outcomes import TRACEBACK_MAX_CHARS
@@ -169,9 +170,99 @@ def test_the_changelist_query_count_does_not_grow_with_the_page(
     process_events(only_new_events([event("order_placed", n) for n in range(10, 40)]))
     assert EventRecord.objects.count() == 33
     assert count() == few
+    # Each row's problem (mailer failed for 32 of them) comes with the page's one query.
+    with CaptureQueriesContext(connection) as queries:
+        content = admin_client.get(CHANGELIST).content.decode()
+    cells = re.findall(r'<td class="field-problem">(.*?)</td>', content, re.S)
+    assert len(cells) == 33
+    assert len([cell for cell in cells if "failed (attempt 1): ConnectionError" in cell]) == 32
+    assert len([q for q in queries.captured_queries if "last_error" in q["sql"]]) == 1
+
+
+# -- the "problem" column -------------------------------------------------------------------
+
+
+def problem_cell(client: Client, key: str) -> str:
+    """The "problem" cell of the event ``key`` in the changelist."""
+    content = client.get(CHANGELIST, {"q": key}).content.decode()
+    cells = re.findall(r'<td class="field-problem">(.*?)</td>', content, re.S)
+    assert len(cells) == 1
+    return str(cells[0])
+
+
+def test_the_problem_column_names_the_failing_call_and_its_error(
+    admin_client: Client, broken: Broken
+) -> None:
+    expected = f"{broken.mailer} failed (attempt 1): ConnectionError: SMTP down for order_paid_2"
+    assert problem_cell(admin_client, "order_paid_2") == (
+        f'<span title="{escape(expected)}">{escape(expected)}</span>'
+    )
+    assert problem_cell(admin_client, "order_placed_3") == "-"
+
+
+def test_a_given_up_call_is_the_problem_and_says_so(admin_client: Client, broken: Broken) -> None:
+    HandlerOutcome.objects.filter(record__key="order_paid_2", handler=broken.mailer).update(
+        status="given_up", attempts=10, next_attempt_at=None
+    )
+    cell = problem_cell(admin_client, "order_paid_2")
+    assert f"{escape(broken.mailer)} given up after 10 attempts: ConnectionError" in cell
+
+
+def problem_parts(client: Client, key: str) -> tuple[str, str]:
+    """The title and the text of the event ``key``'s problem."""
+    found = re.fullmatch(r'<span title="(.*)">(.*)</span>', problem_cell(client, key), re.S)
+    assert found is not None
+    title, shown = found.groups()
+    return unescape(title), unescape(shown)
+
+
+def test_a_long_problem_is_cut_and_whole_in_the_title(
+    admin_client: Client, broken: Broken
+) -> None:
+    error = "ValueError: " + "line\n" * 150
+    HandlerOutcome.objects.filter(record__key="order_paid_2", handler=broken.mailer).update(
+        last_error=error
+    )
+    title, shown = problem_parts(admin_client, "order_paid_2")
+    assert title == f"{broken.mailer} failed (attempt 1): {error}"
+    # One line of PROBLEM_CHARS, ending in an ellipsis.
+    assert shown == " ".join(title.split())[: PROBLEM_CHARS - 1] + "…"
+    assert "\n" not in shown
+
+
+def test_the_title_holds_a_bounded_part_of_a_huge_error(
+    admin_client: Client, broken: Broken
+) -> None:
+    error = "ValueError: " + "x" * 9_000
+    HandlerOutcome.objects.filter(record__key="order_paid_2", handler=broken.mailer).update(
+        last_error=error
+    )
+    title, _ = problem_parts(admin_client, "order_paid_2")
+    prefix = f"{broken.mailer} failed (attempt 1): "
+    assert title == prefix + error[:PROBLEM_ERROR_CHARS] + "…"
+
+
+def test_the_problem_is_escaped(admin_client: Client, broken: Broken) -> None:
+    attack = '"><script>alert(1)</script>'
+    HandlerOutcome.objects.filter(record__key="order_paid_2", handler=broken.mailer).update(
+        last_error=attack
+    )
+    cell = problem_cell(admin_client, "order_paid_2")
+    assert "<script>" not in cell
+    assert cell.count(escape(attack)) == 2
 
 
 # -- the change page ------------------------------------------------------------------------
+
+
+def test_a_long_error_wraps(admin_client: Client, broken: Broken) -> None:
+    record = EventRecord.objects.get(key="order_paid_2")
+    content = admin_client.get(change_url(record)).content.decode()
+    assert (
+        '<span class="spark-decl-wrap">ConnectionError: SMTP down for order_paid_2</span>'
+        in content
+    )
+    assert "spark_decl/admin.css" in content
 
 
 def test_the_change_page_shows_each_outcome_with_its_traceback(
@@ -183,7 +274,11 @@ def test_the_change_page_shows_each_outcome_with_its_traceback(
         assert escape(name) in content
     assert "ConnectionError: SMTP down for order_placed_1" in content
     failed = HandlerOutcome.objects.get(record=record, handler=broken.mailer)
-    pre = re.search(r"<pre>(Traceback \(most recent call last\):.*?)</pre>", content, re.S)
+    pre = re.search(
+        r'<pre class="spark-decl-wrap">(Traceback \(most recent call last\):.*?)</pre>',
+        content,
+        re.S,
+    )
     assert pre is not None
     assert "raise ConnectionError(f&quot;SMTP down for" in pre.group(1)
     assert failed.next_attempt_at is not None
@@ -217,6 +312,7 @@ def test_the_error_of_a_call_done_since_is_shown_as_an_earlier_attempts_error(
     # The list counts the call as done, and the "failed" filter leaves its event out.
     listed = admin_client.get(f"{CHANGELIST}?q=order_placed_1").content.decode()
     assert '<td class="field-outcome_summary">2/2 done</td>' in listed
+    assert '<td class="field-problem">-</td>' in listed
     assert keys(admin_client, "?status=failed") == ["order_paid_2"]
 
 
@@ -227,7 +323,9 @@ def test_a_huge_traceback_is_shown_with_its_head_and_tail(
     huge = "Traceback (most recent call last):\n" + "  frame\n" * 200_000 + "ValueError: end"
     HandlerOutcome.objects.filter(record=record, handler=broken.mailer).update(traceback=huge)
     content = admin_client.get(change_url(record)).content.decode()
-    assert re.search(r"<pre>Traceback \(most recent call last\):\n  frame\n", content)
+    assert re.search(
+        r'<pre class="spark-decl-wrap">Traceback \(most recent call last\):\n  frame\n', content
+    )
     assert re.search(r"\[\.\.\. [\d,]+ characters cut \.\.\.\]", content)
     assert "ValueError: end</pre>" in content
     assert len(content) < TRACEBACK_MAX_CHARS + 100_000
