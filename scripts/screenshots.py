@@ -20,6 +20,7 @@ screenshots`` installs it when missing).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import shutil
 import socket
@@ -101,8 +102,6 @@ PAGES: Sequence[Page] = (
 
 def build_demo_data() -> Demo:
     """Migrate the (empty) database and fill it: see the module docstring."""
-    import datetime as dt
-
     from django.conf import settings
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
@@ -127,6 +126,7 @@ def build_demo_data() -> Demo:
             ("dave", REFUSED_DOMAIN),
         ]
     }
+    build_history(timezone.now())
     today = timezone.localdate()
 
     def challenge(title: str, owner: str, ends_in: int, started: int = 0) -> Challenge:
@@ -171,6 +171,41 @@ def build_demo_data() -> Demo:
 
     failed = EventRecord.objects.get(key=f"challenge_created_{cycle}")
     return Demo(failed_event=failed.pk)
+
+
+def build_history(now: dt.datetime) -> None:
+    """A day of events before the demo's own, oldest first (ids must ascend with time: see
+    :mod:`spark_decl.health`), so that the dashboard has a day to draw: every call done
+    until six hours ago, then about one in four failing."""
+    from spark_decl.models import EventRecord, HandlerOutcome
+
+    handler = "challenges.spark.send_challenge_mails"
+    groups = ("challenge_created", "challenge_ends_2d", "challenge_ended")
+    trouble = now - dt.timedelta(hours=6)
+    number = 0
+    for hours_ago in range(23, 0, -1):
+        hour = now - dt.timedelta(hours=hours_ago)
+        # A day's rhythm: quiet at night, busy at noon (the same numbers on every run).
+        for minute in range(0, 60, 60 // (3 + (7 * hours_ago) % 9)):
+            at = hour + dt.timedelta(minutes=minute)
+            number += 1
+            group = groups[number % len(groups)]
+            record = EventRecord.objects.create(
+                key=f"{group}_history_{number}", group=group, created_at=at
+            )
+            failing = at >= trouble and number % 4 == 0
+            HandlerOutcome.objects.create(
+                record=record,
+                handler=handler,
+                status="failed" if failing else "done",
+                attempts=1,
+                last_error="SMTPServerDisconnected: Connection unexpectedly closed"
+                if failing
+                else "",
+                created_at=at,
+                finished_at=None if failing else at,
+                next_attempt_at=now if failing else None,
+            )
 
 
 # -- the server and the browser --------------------------------------------------------------

@@ -357,7 +357,7 @@ def describe_counts(counts: Counts) -> str:
 def describe_wait(now: datetime, oldest: datetime | None) -> str:
     if oldest is None:
         return ""
-    return f"the oldest waited {describe_duration(now - oldest)} (since {when(oldest, now)})"
+    return f"the oldest waited {describe_duration(now - oldest)}, since {when(oldest, now)}"
 
 
 def when(moment: datetime | None, now: datetime) -> str:
