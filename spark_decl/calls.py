@@ -123,6 +123,9 @@ class CallRunner:
         #: be run again (its effects outside the database would repeat).
         self.called = False
         self._budget = get_settings().TRANSACTION_SECONDS
+        #: Whether calls are timed for ``call_finished``: only when it has receivers (read
+        #: once: a receiver connected meanwhile sees the calls of the next run).
+        self._timed = bool(call_finished.receivers)
 
     def run(self, calls: Sequence[Call]) -> RunResult:
         """Run ``calls`` (with rows, or of unclaimed events) in order, in transactions of
@@ -206,15 +209,13 @@ class CallRunner:
                 return
             attempts = taken[call.outcome_id]
         self.called = True
-        # Timed only for call_finished's receivers (checked per call: the check is a list's
-        # truth value, and one connected meanwhile sees the calls from then on).
-        timed = bool(call_finished.receivers)
+        timed = self._timed
         started = time.perf_counter() if timed else 0.0
         try:
             with savepoint:
                 call_handler(call.spec, call.event)
         except Exception as exc:
-            duration = time.perf_counter() - started
+            duration = time.perf_counter() - started if timed else 0.0
             self.result.failed += 1
             self.result.failures.append((call, exc))
             if call.outcome_id is not None:
@@ -225,9 +226,9 @@ class CallRunner:
                 status = outcomes.status_after_failure(attempts) if recorded else outcomes.FAILED
                 self.result.finished.append(Finished(call, status, attempts, duration))
         else:
-            duration = time.perf_counter() - started
             self.result.succeeded += 1
             if timed:
+                duration = time.perf_counter() - started
                 self.result.finished.append(Finished(call, outcomes.DONE, attempts, duration))
 
 
