@@ -33,7 +33,7 @@ from django.db import connections, transaction
 
 from . import outcomes
 from .conf import get_settings
-from .signals import handler_failed
+from .signals import call_finished, handler_failed
 from .transactions import CallSavepoint, call_savepoints
 
 if TYPE_CHECKING:
@@ -63,20 +63,46 @@ class Call:
     expected: tuple[str, int] | None = None
 
 
+@dataclass(slots=True)
+class Finished:
+    """A call that ran, as ``call_finished`` reports it."""
+
+    call: Call
+    status: str
+    attempt: int
+    duration: float
+
+
 @dataclass
 class RunResult:
-    """What running calls did; the failures are reported once the transaction is over."""
+    """What running calls did; the failures (and, when ``call_finished`` has receivers,
+    every call that ran) are reported once the transaction is over."""
 
     succeeded: int = 0
     failed: int = 0
     skipped: int = 0  # taken by another process first
     failures: list[tuple[Call, Exception]] = field(default_factory=list)
+    finished: list[Finished] = field(default_factory=list)
 
     def report(self) -> None:
-        """Log each failure and send ``handler_failed``."""
+        """Log each failure and send ``handler_failed``, then send ``call_finished`` for
+        each call that ran."""
         for call, exc in self.failures:
             report_failure(call.spec, call.event, exc)
         self.failures = []
+        for done in self.finished:
+            event = done.call.event
+            call_finished.send_robust(
+                sender=None,
+                event=event,
+                group=event["group"],
+                handler=done.call.spec.name,
+                status=done.status,
+                attempt=done.attempt,
+                duration=done.duration,
+                background=done.call.spec.background,
+            )
+        self.finished = []
 
 
 def call_handler(spec: HandlerSpec, event: Event[Any]) -> None:
@@ -97,6 +123,9 @@ class CallRunner:
         #: be run again (its effects outside the database would repeat).
         self.called = False
         self._budget = get_settings().TRANSACTION_SECONDS
+        #: Whether calls are timed for ``call_finished``: only when it has receivers (read
+        #: once: a receiver connected meanwhile sees the calls of the next run).
+        self._timed = bool(call_finished.receivers)
 
     def run(self, calls: Sequence[Call]) -> RunResult:
         """Run ``calls`` (with rows, or of unclaimed events) in order, in transactions of
@@ -180,16 +209,27 @@ class CallRunner:
                 return
             attempts = taken[call.outcome_id]
         self.called = True
+        timed = self._timed
+        started = time.perf_counter() if timed else 0.0
         try:
             with savepoint:
                 call_handler(call.spec, call.event)
         except Exception as exc:
+            duration = time.perf_counter() - started if timed else 0.0
             self.result.failed += 1
             self.result.failures.append((call, exc))
             if call.outcome_id is not None:
                 outcomes.fail(self.connection, call.outcome_id, exc, attempts=attempts)
+            if timed:
+                # A call of an unclaimed event has no row to give up on: it stays "failed".
+                recorded = call.record_id is not None or call.outcome_id is not None
+                status = outcomes.status_after_failure(attempts) if recorded else outcomes.FAILED
+                self.result.finished.append(Finished(call, status, attempts, duration))
         else:
             self.result.succeeded += 1
+            if timed:
+                duration = time.perf_counter() - started
+                self.result.finished.append(Finished(call, outcomes.DONE, attempts, duration))
 
 
 def report_failure(spec: HandlerSpec, event: Event[Any], exc: Exception) -> None:

@@ -7,7 +7,8 @@ order (so that concurrent claims never deadlock; see
 :meth:`~spark_decl.vendors.Vendor.insert_rows`). A claim and the rows of the calls it owes
 commit together (:mod:`spark_decl.outcomes`): ``pending`` rows written here, or, when the
 caller runs the calls in the claiming transaction, their rows with their results
-(:meth:`~spark_decl.calls.CallRunner.run_claimed`). A crash rolls back all of it.
+(:meth:`~spark_decl.calls.CallRunner.run_claimed`). A crash rolls back all of it. Once the
+claiming transaction commits, ``events_claimed`` reports how many keys it claimed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 from itertools import count, islice
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -27,6 +30,7 @@ from . import outcomes
 from .conf import get_settings
 from .context import BATCH_BYTES, dump_context_json
 from .registry import registry
+from .signals import events_claimed
 from .validation import validate_event
 from .vendors import Vendor, aborted_for_concurrency, column_of, quote, sqlstate, vendor_of
 
@@ -99,7 +103,15 @@ def claim_events(
     vendor = vendor_of(connection)
 
     def insert() -> list[Event[Any]]:
-        return _insert(connection, vendor, first, contexts, handlers=handlers, run_here=run_here)
+        claimed = _insert(
+            connection, vendor, first, contexts, handlers=handlers, run_here=run_here
+        )
+        if claimed and events_claimed.receivers:
+            # Sent once the claim is durable: on_commit() drops it with a rollback (of the
+            # caller's transaction, a savepoint, or an attempt retrying() makes again).
+            counts = dict(Counter(event["group"] for event in claimed))
+            transaction.on_commit(partial(send_claimed, counts), using=using, robust=True)
+        return claimed
 
     if connection.in_atomic_block:
         # An error marks the transaction for rollback, as Model.save() does (a savepoint
@@ -107,6 +119,11 @@ def claim_events(
         with transaction.mark_for_rollback_on_error(using):
             return insert()
     return retrying(insert, using=using, keys=first.keys())
+
+
+def send_claimed(counts: dict[str, int]) -> None:
+    """Send ``events_claimed`` (Django's ``send_robust()`` logs a receiver that raises)."""
+    events_claimed.send_robust(sender=None, counts=counts)
 
 
 def _insert(

@@ -1,6 +1,6 @@
 """What is registered and what is stored: the data behind ``manage.py spark_inspect``.
 
-:func:`inspect_spark` reads the registry, the two signals' receivers and, with two
+:func:`inspect_spark` reads the registry, spark_decl's signals' receivers and, with two
 aggregate queries, the stored groups and the handler calls by status.
 :meth:`Inspection.as_dict` is the ``--json`` document; its keys are documented in
 ``docs/introspection.rst`` and only ever gain new ones (``version`` changes if one is
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from django.dispatch import Signal
 
 JSON_VERSION = 1
-SIGNALS = ("event_dispatched", "handler_failed")
+SIGNALS = ("event_dispatched", "handler_failed", "events_claimed", "call_finished")
 
 
 @dataclass(frozen=True)

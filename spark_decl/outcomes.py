@@ -188,10 +188,16 @@ def fail_unrun(
     )
 
 
+def status_after_failure(attempts: int) -> str:
+    """The status of a call that has now failed ``attempts`` times: ``failed``, or
+    ``given_up`` after ``MAX_ATTEMPTS``."""
+    return GIVEN_UP if attempts >= get_settings().MAX_ATTEMPTS else FAILED
+
+
 def schedule_after_failure(attempts: int, now: datetime) -> tuple[str, datetime | None]:
     """The status and next due time of a call that has now failed ``attempts`` times."""
     config = get_settings()
-    if attempts >= config.MAX_ATTEMPTS:
+    if status_after_failure(attempts) == GIVEN_UP:
         return GIVEN_UP, None
     if attempts <= 1:
         # Someone who fixed the bug and runs retry_spark_events expects it to run now.

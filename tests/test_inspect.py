@@ -194,7 +194,13 @@ def test_json_document() -> None:
         {"name": "tests.test_inspect.retired_handler", "outcomes": {**ZERO, "done": 1}}
     ]
     receivers = document["receivers"]
-    assert set(receivers) == {"event_dispatched", "handler_failed"}
+    assert set(receivers) == {
+        "event_dispatched",
+        "handler_failed",
+        "events_claimed",
+        "call_finished",
+    }
+    assert receivers["call_finished"] == []
     assert "tests.test_inspect.on_dispatched" in receivers["event_dispatched"]
     # Connected for sender=Challenge: spark_decl sends with sender=None, it is never called.
     assert "tests.test_inspect.only_for_challenges" not in receivers["event_dispatched"]
