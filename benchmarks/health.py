@@ -4,7 +4,7 @@ Run by hand, from the repository root (not by ``benchmarks/run.py``)::
 
     PGHOST=127.0.0.1 PGPORT=5432 PGUSER=postgres \\
         python -m benchmarks.health [--database spark_health_10m] [--runs 5]
-    python -m benchmarks.health --drop          # free the disk (about 4 GB)
+    python -m benchmarks.health --drop          # free the disk (2.8 GB)
 
 The first run creates the database, migrates ``spark_decl`` and fills its tables in SQL
 (``INSERT ... SELECT generate_series``, a few minutes; not through the ORM) with
