@@ -11,8 +11,9 @@ are found by id, not by ``created_at`` (which has no index, see
 :class:`~spark_decl.models.EventRecord`). Ids ascend with the time a row was written, so a
 binary search over the primary key (:func:`first_id_since`, a few dozen one-row index
 lookups) finds where a window starts, and the aggregate reads only that window's rows.
-The open calls are read through ``spark_decl_due_idx``, which holds every call that is not
-done. ``docs/console.rst`` has the measured plans on a table of ten million calls.
+The open calls are read from ``spark_decl_due_idx`` alone, which holds every call that is
+not done with its handler and creation time: that query grows with the open calls, not the
+table. ``benchmarks/README.md`` ("health() on ten million calls") has the measured plans.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 M = TypeVar("M", bound="Model")
 
+#: The version of :meth:`Health.as_dict`'s document.
+JSON_VERSION = 1
 #: The failure rate is that of the calls claimed in this last stretch of time.
 RECENT = timedelta(hours=1)
 #: A pending call older than this is a problem: its worker, or the process that claimed
@@ -213,8 +216,11 @@ class Health:
         return found
 
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready document (``spark_inspect --health --json``)."""
+        """A JSON-ready document (``spark_inspect --health --json``). Its keys are
+        documented in ``docs/introspection.rst`` and only ever gain new ones (``version``
+        changes if one is removed or changes meaning)."""
         return {
+            "version": JSON_VERSION,
             "database": self.database,
             "window": self.window.name,
             "now": self.now.isoformat(),
@@ -315,13 +321,14 @@ def health(
     ):
         handler(name).recent.add(status, count)
 
-    # The calls that are not done: the condition of spark_decl_due_idx, which PostgreSQL
-    # reads instead of the table.
+    # The calls that are not done: the condition of spark_decl_due_idx, which holds every
+    # column this reads, so the database reads the index instead of the table (an index-only
+    # scan). COUNT(*), not COUNT(id): the id is not in the index.
     for name, status, count, oldest in (
         calls.exclude(status=DONE)
         .order_by()
         .values_list("handler", "status")
-        .annotate(calls=Count("pk"), oldest=Min("created_at"))
+        .annotate(calls=Count("*"), oldest=Min("created_at"))
     ):
         opened = handler(name).open
         if status == PENDING:

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from io import StringIO
 from typing import Any
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db.models import QuerySet
+from django.utils import timezone
 from pytest_django import DjangoAssertNumQueries
 
 from spark_decl import Event, event, event_source, handles, only_new_events, process_events
 from spark_decl.dispatch import claim_and_run
+from spark_decl.health import health
 from spark_decl.inspection import inspect_spark
-from spark_decl.models import HandlerOutcome
+from spark_decl.models import EventRecord, HandlerOutcome, OutboxEvent
 from spark_decl.registry import Registry, function_name, registry
 from spark_decl.signals import event_dispatched, handler_failed
 from tests.conftest import CHALLENGE_HANDLER
@@ -336,3 +339,148 @@ def test_a_call_done_since_it_failed_counts_as_done_without_its_old_error(
         "    calls: 0 pending, 1 done, 0 failed, 0 given up\n"
     ) in text
     assert "no donations today" not in text
+
+
+# -- --health ---------------------------------------------------------------------------------
+
+REFUSE_ORDERS = "tests.test_inspect.refuse_orders"
+
+
+def refuse_orders(event: Event[Any]) -> None:
+    raise RuntimeError("out of stock")
+
+
+@pytest.fixture
+def unhealthy(isolated_registry: Registry, transactional_db: None) -> timedelta:
+    """Two calls of ``refuse_orders`` that failed just now (real claims), and a call of the
+    test app's challenge handler pending for two hours. Returns how long it has waited."""
+    waited = timedelta(hours=2, seconds=30)
+    at = timezone.now() - waited
+    record = EventRecord.objects.create(
+        key="challenge_created_1", group="challenge_created", created_at=at
+    )
+    HandlerOutcome.objects.create(record=record, handler=CHALLENGE_HANDLER, created_at=at)
+    # After the older rows: health() relies on ids ascending with created_at.
+    handles(r"^order")(refuse_orders)
+    process_events(only_new_events([event("order_paid", n) for n in range(2)]))
+    return waited
+
+
+@pytest.mark.usefixtures("unhealthy")
+def test_health_text() -> None:
+    text = inspect("--health")
+
+    assert text.startswith("Health over the last 24h (since ")
+    # Per handler, in the order handlers run.
+    assert (
+        "Problems (2)\n"
+        f"  {CHALLENGE_HANDLER}: 1 calls pending, the oldest for 2 h\n"
+        f"  {REFUSE_ORDERS}: 2 of 2 calls of the last 1 h failed, since "
+    ) in text
+    assert "Handlers (3)\n" in text
+    oldest = HandlerOutcome.objects.get(handler=CHALLENGE_HANDLER).created_at
+    assert (
+        f"  {CHALLENGE_HANDLER}\n"
+        "    calls: 1 pending, 0 done, 0 failed, 0 given up\n"
+        "    last hour: no call ran\n"
+        "    backlog: 1 pending, 0 failed waiting for a retry, 0 given up\n"
+        f"    oldest pending: {oldest:%Y-%m-%d %H:%M} UTC, waiting 2 h\n"
+    ) in text
+    first = HandlerOutcome.objects.filter(handler=REFUSE_ORDERS).earliest("pk").created_at
+    last = HandlerOutcome.objects.filter(handler=REFUSE_ORDERS).latest("pk").created_at
+    assert (
+        f"  {REFUSE_ORDERS}\n"
+        "    calls: 0 pending, 0 done, 2 failed, 0 given up\n"
+        "    last hour: 100% failed (2 of 2 calls)\n"
+        "    backlog: 0 pending, 2 failed waiting for a retry, 0 given up\n"
+        f"    failing since: {first:%Y-%m-%d %H:%M} UTC (last failure {last:%Y-%m-%d %H:%M} UTC)\n"
+    ) in text
+    assert (
+        "Groups (2), events in the last 24h\n"
+        "  challenge_created (1 event)\n"
+        "  order_paid (2 events)\n"
+    ) in text
+    assert "Outbox" not in text
+
+
+@pytest.mark.usefixtures("unhealthy")
+def test_health_json_is_the_health_document() -> None:
+    document = json.loads(inspect("--health", "--json"))
+
+    expected = health().as_dict()
+    # Measured a moment apart: everything but the time of the measurement agrees.
+    del document["now"], expected["now"]
+    assert document == expected
+    assert document["version"] == 1
+    assert document["window"] == "24h"
+    assert len(document["buckets"]) == 24
+    assert len(document["problems"]) == 2
+    (refuse,) = (h for h in document["handlers"] if h["name"] == REFUSE_ORDERS)
+    assert refuse["calls"] == {**ZERO, "failed": 2}
+    assert refuse["recent"]["failure_rate"] == 1.0
+    assert refuse["open"]["failed"] == 2
+
+
+@pytest.mark.usefixtures("unhealthy")
+def test_health_window() -> None:
+    document = json.loads(inspect("--health", "--window", "7d", "--json"))
+    assert document["window"] == "7d"
+    assert len(document["buckets"]) == 28
+    assert inspect("--health", "--window", "7d").startswith("Health over the last 7d (since ")
+
+
+@pytest.mark.usefixtures("unhealthy")
+def test_problems_change_the_exit_status_only_when_asked() -> None:
+    # Informational: printed, and a success for cron and shells.
+    assert "Problems (2)" in inspect("--health")
+    assert json.loads(inspect("--health", "--json"))["problems"]
+
+    out = StringIO()
+    with pytest.raises(SystemExit) as exited:
+        call_command("spark_inspect", "--health", "--fail-on-problems", stdout=out)
+    assert exited.value.code == 1
+    # The report is still printed, for the alert to carry.
+    assert "Problems (2)" in out.getvalue()
+
+    out = StringIO()
+    with pytest.raises(SystemExit) as exited:
+        call_command("spark_inspect", "--health", "--json", "--fail-on-problems", stdout=out)
+    assert exited.value.code == 1
+    assert len(json.loads(out.getvalue())["problems"]) == 2
+
+
+@pytest.mark.django_db
+def test_healthy(isolated_registry: Registry) -> None:
+    Challenge.objects.create(title="fine")
+
+    text = inspect("--health", "--fail-on-problems")
+
+    assert "Problems: none, healthy\n" in text
+    assert (
+        f"  {CHALLENGE_HANDLER}\n"
+        "    calls: 0 pending, 0 done, 0 failed, 0 given up\n"
+        "    last hour: no call ran\n"
+        "    backlog: 0 pending, 0 failed waiting for a retry, 0 given up\n"
+    ) in text
+    assert json.loads(inspect("--health", "--json", "--fail-on-problems"))["problems"] == []
+
+
+@pytest.mark.django_db
+def test_a_stale_outbox_is_shown() -> None:
+    OutboxEvent.objects.create(key="k", group="g", context={})
+    OutboxEvent.objects.update(created_at=timezone.now() - timedelta(hours=1))
+
+    text = inspect("--health")
+
+    assert "Outbox: 1 saved events not claimed yet, the oldest for 1 h\n" in text
+    assert "1 saved events not claimed for 1 h" in text
+
+
+@pytest.mark.django_db
+def test_health_options_are_validated() -> None:
+    with pytest.raises(CommandError, match="invalid choice: '1y'"):
+        inspect("--health", "--window", "1y")
+    with pytest.raises(CommandError, match="--window only applies with --health"):
+        inspect("--window", "7d")
+    with pytest.raises(CommandError, match="--fail-on-problems only applies with --health"):
+        inspect("--fail-on-problems")

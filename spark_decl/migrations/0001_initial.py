@@ -64,7 +64,7 @@ class Migration(migrations.Migration):
                 'verbose_name': 'handler outcome',
                 'verbose_name_plural': 'handler outcomes',
                 'ordering': ['pk'],
-                'indexes': [models.Index(condition=models.Q(('status', 'done'), _negated=True), fields=['status', 'next_attempt_at'], name='spark_decl_due_idx')],
+                'indexes': [models.Index(condition=models.Q(('status', 'done'), _negated=True), fields=['status', 'next_attempt_at', 'handler', 'created_at'], name='spark_decl_due_idx')],
                 'constraints': [models.UniqueConstraint(fields=('record', 'handler'), name='spark_decl_one_outcome_per_handler')],
             },
         ),
