@@ -14,6 +14,11 @@ lookups) finds where a window starts, and the aggregate reads only that window's
 The open calls are read from ``spark_decl_due_idx`` alone, which holds every call that is
 not done with its handler and creation time: that query grows with the open calls, not the
 table. ``benchmarks/README.md`` ("health() on ten million calls") has the measured plans.
+
+The one assumption: ids ascend with ``created_at``, as they do for every row spark_decl
+writes. A row written by hand with an older ``created_at`` than rows before it (a fixture,
+a copy between databases) is counted in the wrong bucket; one with the highest id and an
+old time hides the window's rows from the search.
 """
 
 from __future__ import annotations
@@ -182,7 +187,8 @@ class Health:
         )
 
     def problems(self) -> list[str]:
-        """What an operator should look at, most urgent first; empty when all is well."""
+        """What an operator should look at, handler by handler (in the order of
+        :attr:`handlers`), then the outbox; empty when all is well."""
         found: list[str] = []
         for handler in self.handlers:
             recent, opened = handler.recent, handler.open
