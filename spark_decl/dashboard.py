@@ -163,6 +163,8 @@ class HandlerPanel:
 class GroupRow:
     name: str
     events: int
+    #: Its events' calls, by state, each linking to those events.
+    calls: list[Link]
     chart: SafeString
     handlers: list[str]
     link: Link
@@ -307,27 +309,53 @@ def handler_panel(
 
 
 def group_row(group: GroupHealth, found: Health, changelist: str) -> GroupRow:
-    bars = [
-        Bar(
-            start,
-            f"{describe_bucket(start, found.window.bucket)}: {count} events",
-            [("events", count)],
+    """A group's row: its events, and their calls by state (which say what the events
+    led to: "how many reminders went out"), drawn per bucket; the events alone when they
+    owe no call."""
+    span, bucket = describe_span(found.window.span), describe_duration(found.window.bucket)
+
+    def events_of(status: str | None = None) -> str:
+        query = {GROUP_PARAMETER: group.name}
+        if status:
+            query[STATUS_PARAMETER] = status
+        return f"{changelist}?{urlencode(query)}"
+
+    buckets = zip(found.starts, group.timeline, group.call_timeline, strict=True)
+    if group.calls.total:
+        bars = [
+            Bar(
+                start,
+                f"{describe_bucket(start, found.window.bucket)}: {events} events, "
+                f"{counts.total} calls ({describe_counts(counts)})",
+                [(status, getattr(counts, status)) for status in STACK],
+            )
+            for start, events, counts in buckets
+        ]
+        label = (
+            f"Calls of the events of {group.name} per {bucket}, last {span}: "
+            f"{describe_counts(group.calls)}"
         )
-        for start, count in zip(found.starts, group.timeline, strict=True)
-    ]
+    else:
+        bars = [
+            Bar(
+                start,
+                f"{describe_bucket(start, found.window.bucket)}: {events} events",
+                [("events", events)],
+            )
+            for start, events, _ in buckets
+        ]
+        label = f"Events of {group.name} per {bucket}, last {span}: {group.events} in all"
     return GroupRow(
         name=group.name,
         events=group.events,
-        chart=bar_chart(
-            bars,
-            found.window,
-            label=f"Events of {group.name} per {describe_duration(found.window.bucket)}, "
-            f"last {describe_span(found.window.span)}: {group.events} in all",
-            height=50,
-            axis=False,
-        ),
+        calls=[
+            Link(f"{getattr(group.calls, status)} {LABELS[status]}", events_of(status))
+            for status in STACK
+            if getattr(group.calls, status)
+        ],
+        chart=bar_chart(bars, found.window, label=label, height=50, axis=False),
         handlers=group.handlers,
-        link=Link(group.name, f"{changelist}?{urlencode({GROUP_PARAMETER: group.name})}"),
+        link=Link(group.name, events_of()),
     )
 
 

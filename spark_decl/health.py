@@ -142,6 +142,10 @@ class GroupHealth:
     #: The events claimed in the window, and per bucket.
     events: int = 0
     timeline: list[int] = field(default_factory=list)
+    #: The calls those events owe, by their state now, and per bucket: "how many
+    #: reminders went out today".
+    calls: Counts = field(default_factory=Counts)
+    call_timeline: list[Counts] = field(default_factory=list)
     #: The registered handlers whose patterns match the group.
     handlers: list[str] = field(default_factory=list)
 
@@ -238,6 +242,8 @@ class Health:
                     "name": group.name,
                     "events": group.events,
                     "timeline": group.timeline,
+                    "calls": group.calls.as_dict(),
+                    "call_timeline": [counts.as_dict() for counts in group.call_timeline],
                     "handlers": group.handlers,
                 }
                 for group in self.groups
@@ -300,21 +306,50 @@ def health(
             handlers[name] = HandlerHealth(name, registered=False)
         return handlers[name]
 
+    groups: dict[str, GroupHealth] = {}
+
+    def group_entry(name: str) -> GroupHealth:
+        if name not in groups:
+            groups[name] = GroupHealth(
+                name,
+                timeline=[0] * len(starts),
+                call_timeline=[Counts() for _ in starts],
+                handlers=[spec.name for spec in registry.handlers() if spec.matches(name)],
+            )
+        return groups[name]
+
+    for group, hour, count in (
+        in_window(EventRecord.objects.using(using), since)
+        .annotate(hour=TruncHour("created_at", tzinfo=UTC))
+        .order_by()
+        .values_list("group", "hour")
+        .annotate(events=Count("pk"))
+    ):
+        entry = group_entry(group)
+        entry.events += count
+        index = bucket_of(hour)
+        if index is not None:
+            entry.timeline[index] += count
+
+    # The window's calls by their event's group too: a join on the event's primary key.
     calls = HandlerOutcome.objects.using(using)
-    for name, status, hour, count, first, last in (
+    for group, name, status, hour, count, first, last in (
         in_window(calls, since)
         .annotate(hour=TruncHour("created_at", tzinfo=UTC))
         .order_by()
-        .values_list("handler", "status", "hour")
+        .values_list("record__group", "handler", "status", "hour")
         .annotate(calls=Count("pk"), first=Min("created_at"), last=Max("created_at"))
     ):
         entry = handler(name)
         entry.window.add(status, count)
         if not entry.timeline:
             entry.timeline = [Counts() for _ in starts]
+        by_group = group_entry(group)
+        by_group.calls.add(status, count)
         index = bucket_of(hour)
         if index is not None:
             entry.timeline[index].add(status, count)
+            by_group.call_timeline[index].add(status, count)
         if status in {FAILED, GIVEN_UP}:
             entry.first_failure = min(filter(None, (entry.first_failure, first)))
             entry.last_failure = max(filter(None, (entry.last_failure, last)))
@@ -347,25 +382,6 @@ def health(
     for entry in handlers.values():
         if not entry.timeline:
             entry.timeline = [Counts() for _ in starts]
-
-    groups: dict[str, GroupHealth] = {}
-    for group, hour, count in (
-        in_window(EventRecord.objects.using(using), since)
-        .annotate(hour=TruncHour("created_at", tzinfo=UTC))
-        .order_by()
-        .values_list("group", "hour")
-        .annotate(events=Count("pk"))
-    ):
-        if group not in groups:
-            groups[group] = GroupHealth(
-                group,
-                timeline=[0] * len(starts),
-                handlers=[spec.name for spec in registry.handlers() if spec.matches(group)],
-            )
-        groups[group].events += count
-        index = bucket_of(hour)
-        if index is not None:
-            groups[group].timeline[index] += count
 
     outbox = OutboxEvent.objects.using(using).aggregate(
         events=Count("pk"), oldest=Min("created_at")

@@ -237,7 +237,9 @@ def test_unregistered_handlers_and_a_stale_outbox_are_warnings(admin_client: Cli
 
 def test_the_groups_table(admin_client: Client) -> None:
     claim("zebra", NOW - timedelta(hours=30), {})  # before the 24 hours
-    claim("challenge_created", NOW - timedelta(hours=3), {CHALLENGE_HANDLER: "done"}, times=2)
+    claim("challenge_created", NOW - timedelta(hours=3), {CHALLENGE_HANDLER: "done"})
+    claim("challenge_created", NOW - timedelta(hours=3), {CHALLENGE_HANDLER: "failed"})
+    claim("quiet_group", NOW - timedelta(hours=2), {}, times=3)
 
     content = page(admin_client)
 
@@ -247,10 +249,25 @@ def test_the_groups_table(admin_client: Client) -> None:
     row = row[: row.index("</tr>")]
     assert "<td>2</td>" in row
     assert f"<td>{CHALLENGE_HANDLER}</td>" in row
+    # What the events led to, each state linking to those events.
+    assert (
+        '<a href="/admin/spark_decl/eventrecord/?group=challenge_created&amp;status=done">'
+        "1 done</a>, "
+        '<a href="/admin/spark_decl/eventrecord/?group=challenge_created&amp;status=failed">'
+        "1 failed, to retry</a>"
+    ) in row
     assert "zebra" not in content
-    (events,) = [svg for label, svg in charts(content).items() if label.startswith("Events of")]
-    assert events.get("aria-label") == (
-        "Events of challenge_created per 1 h, last 24 hours: 2 in all"
+    found = charts(content)
+    calls = found["Calls of the events of challenge_created"]
+    assert calls.get("aria-label") == (
+        "Calls of the events of challenge_created per 1 h, last 24 hours: "
+        "1 done, 1 failed, to retry, 0 given up, 0 pending"
+    )
+    (bar,) = [heights for heights in bars(calls).values() if heights]
+    assert set(bar) == {"done", "failed"}
+    # A group whose events owe no call: its events.
+    assert found["Events of quiet_group"].get("aria-label") == (
+        "Events of quiet_group per 1 h, last 24 hours: 3 in all"
     )
 
 
@@ -330,7 +347,7 @@ def test_names_are_escaped(admin_client: Client) -> None:
     assert "&quot;&gt;&lt;img src=x onerror=alert(1)&gt;" in content
     found = charts(content)  # well-formed, names and all
     assert f"Calls of {handler}" in found
-    assert f"Events of {group}" in found
+    assert f"Calls of the events of {group}" in found
     assert f"{CHANGELIST}?group=%3Cscript%3Ealert%28%27group%27%29%3C%2Fscript%3E" in links(
         content
     )

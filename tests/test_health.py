@@ -134,6 +134,20 @@ def test_calls_and_events_per_handler_group_and_bucket(isolated_registry: Regist
     assert reminders.timeline[-2] == 1  # 13:50
     assert reminders.timeline[-6] == 2  # 09:00 - 10:00 (14:20 - 5 h = 09:20)
     assert sum(reminders.timeline) == 4
+    # Their calls, by state now: "how many reminders went out".
+    assert reminders.calls.as_dict() == {"pending": 0, "done": 2, "failed": 1, "given_up": 1}
+    assert reminders.call_timeline[-1].as_dict() == {
+        "pending": 0,
+        "done": 1,
+        "failed": 0,
+        "given_up": 0,
+    }
+    assert found.groups[0].calls.as_dict() == {
+        "pending": 1,
+        "done": 0,
+        "failed": 0,
+        "given_up": 0,
+    }
 
     by_name = {handler.name: handler for handler in found.handlers}
     # Registered handlers first, in registration order; all of them, even without calls.

@@ -396,9 +396,9 @@ def test_health_text() -> None:
         f"    failing since: {first:%Y-%m-%d %H:%M} UTC (last failure {last:%Y-%m-%d %H:%M} UTC)\n"
     ) in text
     assert (
-        "Groups (2), events in the last 24h\n"
-        "  challenge_created (1 event)\n"
-        "  order_paid (2 events)\n"
+        "Groups (2), events in the last 24h and their calls now\n"
+        "  challenge_created (1 event), their calls: 1 pending, 0 done, 0 failed, 0 given up\n"
+        "  order_paid (2 events), their calls: 0 pending, 0 done, 2 failed, 0 given up\n"
     ) in text
     assert "Outbox" not in text
 

@@ -108,9 +108,12 @@ class Command(BaseCommand):
             self.stdout.write("  none registered")
 
         self.stdout.write("")
-        self.stdout.write(heading(f"Groups ({len(found.groups)}), events in the last {span}"))
+        self.stdout.write(heading(f"Groups ({len(found.groups)}), events in the last {span} and their calls now"))
         for group in found.groups:
-            self.stdout.write(f"  {describe_group(group.name, group.events)}")
+            text = describe_group(group.name, group.events)
+            if group.calls.total:
+                text += f", their calls: {self.describe_outcomes(group.calls.as_dict())}"
+            self.stdout.write(f"  {text}")
         if not found.groups:
             self.stdout.write("  none")
 
