@@ -38,6 +38,7 @@ from .health import (
     Window,
     describe_duration,
     health,
+    the_last,
 )
 from .outcomes import DONE, FAILED, GIVEN_UP, PENDING
 
@@ -259,8 +260,7 @@ def handler_panel(
         failing_since = (
             f"failing since {first}, last failure {last}"
             if failing
-            else f"first failure {first}, last failure {last}, none in the last "
-            f"{describe_duration(RECENT)}"
+            else f"first failure {first}, last failure {last}, none in {the_last(RECENT)}"
         )
     bars = [
         Bar(
@@ -366,7 +366,7 @@ def describe_rate(recent: Counts) -> str:
     """The failure rate of the last hour, with what it is a share of."""
     rate = recent.failure_rate
     if rate is None:
-        return f"no calls ran in the last {describe_duration(RECENT)}"
+        return f"no calls ran in {the_last(RECENT)}"
     ran = recent.done + recent.failed + recent.given_up
     return f"{rate:.0%} ({recent.failed + recent.given_up} of {ran} calls that ran failed)"
 

@@ -199,8 +199,8 @@ class Health:
             if recent.failed or recent.given_up:
                 found.append(
                     f"{handler.name}: {recent.failed + recent.given_up} of "
-                    f"{recent.done + recent.failed + recent.given_up} calls of the last "
-                    f"{describe_duration(RECENT)} failed" + since_text(handler.first_failure)
+                    f"{recent.done + recent.failed + recent.given_up} calls of "
+                    f"{the_last(RECENT)} failed" + since_text(handler.first_failure)
                 )
             if opened.oldest_pending and self.now - opened.oldest_pending > PENDING_TOO_LONG:
                 found.append(
@@ -209,8 +209,8 @@ class Health:
                 )
             if opened.given_up and handler.window.given_up:
                 found.append(
-                    f"{handler.name}: {handler.window.given_up} calls given up in the last "
-                    f"{describe_duration(self.window.span)}"
+                    f"{handler.name}: {handler.window.given_up} calls given up in "
+                    f"{the_last(self.window.span)}"
                 )
             if not handler.registered and (opened.pending or opened.failed):
                 found.append(
@@ -462,6 +462,16 @@ def describe_duration(span: timedelta) -> str:
     if minutes:
         return f"{minutes} min"
     return f"{seconds} s"
+
+
+def the_last(span: timedelta) -> str:
+    """ "the last hour", "the last day", "the last 7 days", "the last 90 min"."""
+    for unit, name in ((timedelta(days=1), "day"), (timedelta(hours=1), "hour")):
+        if span == unit:
+            return f"the last {name}"
+        if not span % unit:
+            return f"the last {span // unit} {name}s"
+    return f"the last {describe_duration(span)}"
 
 
 def since_text(moment: datetime | None) -> str:

@@ -140,7 +140,7 @@ def test_a_failing_handler_is_the_headline_with_its_rate_and_since_when(
     content = page(admin_client)
 
     problem = (
-        f"{CHALLENGE_HANDLER}: 1 of 4 calls of the last 1 h failed, since 2026-12-06 09:02 UTC"
+        f"{CHALLENGE_HANDLER}: 1 of 4 calls of the last hour failed, since 2026-12-06 09:02 UTC"
     )
     assert f'<li class="error">{problem}</li>' in content
     assert "All handlers healthy" not in content
@@ -160,7 +160,7 @@ def test_failures_that_stopped_are_not_failing_since(admin_client: Client) -> No
 
     content = page(admin_client)
 
-    assert "<dd>first failure 08:20, last failure 10:20, none in the last 1 h</dd>" in content
+    assert "<dd>first failure 08:20, last failure 10:20, none in the last hour</dd>" in content
     assert "failing since" not in content
     assert "<dd>0% (0 of 1 calls that ran failed)</dd>" in content
 
@@ -360,7 +360,7 @@ def test_names_are_escaped(admin_client: Client) -> None:
 def test_staff_who_may_view_events_see_it(permission: str) -> None:
     claim("g", NOW - timedelta(minutes=10), {"shop.mail": "failed"})
     content = page(staff(permission))
-    assert "shop.mail: 1 of 1 calls of the last 1 h failed" in content
+    assert "shop.mail: 1 of 1 calls of the last hour failed" in content
 
 
 def test_staff_without_the_permission_get_403() -> None:

@@ -19,6 +19,7 @@ from spark_decl.health import (
     describe_duration,
     first_id_since,
     health,
+    the_last,
 )
 from spark_decl.models import EventRecord, HandlerOutcome, OutboxEvent
 from spark_decl.registry import Registry
@@ -176,9 +177,9 @@ def test_calls_and_events_per_handler_group_and_bucket(isolated_registry: Regist
 
     problems = found.problems()
     assert problems[0] == (
-        f"{send}: 1 of 2 calls of the last 1 h failed, since 2026-12-06 09:20 UTC"
+        f"{send}: 1 of 2 calls of the last hour failed, since 2026-12-06 09:20 UTC"
     )
-    assert f"{send}: 1 calls given up in the last 1 day" in problems
+    assert f"{send}: 1 calls given up in the last day" in problems
     # Pending for 5 minutes is normal.
     assert not any("pending" in problem for problem in problems)
 
@@ -262,8 +263,16 @@ def test_real_claims_and_failures(isolated_registry: Registry) -> None:
     assert refuse.recent.failure_rate == 1.0
     assert refuse.first_failure is not None
     assert found.problems()[0].startswith(
-        "tests.test_health.refuse_orders: 3 of 3 calls of the last 1 h failed, since "
+        "tests.test_health.refuse_orders: 3 of 3 calls of the last hour failed, since "
     )
+
+
+def test_the_last() -> None:
+    assert the_last(timedelta(hours=1)) == "the last hour"
+    assert the_last(timedelta(hours=6)) == "the last 6 hours"
+    assert the_last(timedelta(days=1)) == "the last day"
+    assert the_last(timedelta(days=7)) == "the last 7 days"
+    assert the_last(timedelta(minutes=90)) == "the last 1 h 30 min"
 
 
 def test_describe_duration() -> None:

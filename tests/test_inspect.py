@@ -375,7 +375,7 @@ def test_health_text() -> None:
     assert (
         "Problems (2)\n"
         f"  {CHALLENGE_HANDLER}: 1 calls pending, the oldest for 2 h\n"
-        f"  {REFUSE_ORDERS}: 2 of 2 calls of the last 1 h failed, since "
+        f"  {REFUSE_ORDERS}: 2 of 2 calls of the last hour failed, since "
     ) in text
     assert "Handlers (3)\n" in text
     oldest = HandlerOutcome.objects.get(handler=CHALLENGE_HANDLER).created_at

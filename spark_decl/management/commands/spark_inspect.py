@@ -108,7 +108,9 @@ class Command(BaseCommand):
             self.stdout.write("  none registered")
 
         self.stdout.write("")
-        self.stdout.write(heading(f"Groups ({len(found.groups)}), events in the last {span} and their calls now"))
+        self.stdout.write(
+            heading(f"Groups ({len(found.groups)}), events in the last {span} and their calls now")
+        )
         for group in found.groups:
             text = describe_group(group.name, group.events)
             if group.calls.total:
