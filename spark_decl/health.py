@@ -325,11 +325,11 @@ def health(
         .values_list("group", "hour")
         .annotate(events=Count("pk"))
     ):
-        entry = group_entry(group)
-        entry.events += count
+        stored = group_entry(group)
+        stored.events += count
         index = bucket_of(hour)
         if index is not None:
-            entry.timeline[index] += count
+            stored.timeline[index] += count
 
     # The window's calls by their event's group too: a join on the event's primary key.
     calls = HandlerOutcome.objects.using(using)
