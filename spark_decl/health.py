@@ -23,6 +23,7 @@ old time hides the window's rows from the search.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -107,6 +108,14 @@ class Counts:
     def as_dict(self) -> dict[str, int]:
         return {status: getattr(self, status) for status in STATUSES}
 
+    @classmethod
+    def sum(cls, many: Iterable[Counts]) -> Counts:
+        total = cls()
+        for counts in many:
+            for status, calls in counts.as_dict().items():
+                total.add(status, calls)
+        return total
+
 
 @dataclass
 class Open:
@@ -170,19 +179,12 @@ class Health:
     @property
     def totals(self) -> Counts:
         """The calls of every handler in the window."""
-        totals = Counts()
-        for handler in self.handlers:
-            for status in STATUSES:
-                totals.add(status, getattr(handler.window, status))
-        return totals
+        return Counts.sum(handler.window for handler in self.handlers)
 
     @property
     def recent(self) -> Counts:
-        totals = Counts()
-        for handler in self.handlers:
-            for status in STATUSES:
-                totals.add(status, getattr(handler.recent, status))
-        return totals
+        """The calls of every handler in the last :data:`RECENT`."""
+        return Counts.sum(handler.recent for handler in self.handlers)
 
     @property
     def oldest_pending(self) -> datetime | None:

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import Permission, User
 from django.db import OperationalError
+from django.test import Client
 
 from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.registry import Registry, registry
@@ -32,6 +34,17 @@ def isolated_registry() -> Iterator[Registry]:
     test are dropped afterwards."""
     with registry.isolated() as isolated:
         yield isolated
+
+
+def staff(*permissions: str) -> Client:
+    """A logged-in staff user (not a superuser) holding ``permissions`` (codenames)."""
+    user = User.objects.create_user(username=f"staff_{'_'.join(permissions)}", is_staff=True)
+    user.user_permissions.set(
+        Permission.objects.filter(content_type__app_label="spark_decl", codename__in=permissions)
+    )
+    client = Client()
+    client.force_login(user)
+    return client
 
 
 def clear_tables() -> None:

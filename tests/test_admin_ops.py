@@ -9,7 +9,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-from django.contrib.auth.models import Permission, User
 from django.core.management import call_command
 from django.db import connection
 from django.test import Client
@@ -25,7 +24,7 @@ from spark_decl.models import EventRecord, HandlerOutcome
 from spark_decl.outcomes import TRACEBACK_MAX_CHARS
 from spark_decl.registry import Registry, function_name
 from spark_decl.validation import validate_event
-from tests.conftest import CHALLENGE_HANDLER
+from tests.conftest import CHALLENGE_HANDLER, staff
 
 CHANGELIST = reverse("admin:spark_decl_eventrecord_changelist")
 
@@ -95,17 +94,6 @@ def keys(client: Client, query: str = "", **params: str) -> list[str]:
     response = client.get(f"{CHANGELIST}{query}", params)
     assert response.status_code == 200
     return sorted(record.key for record in response.context["cl"].result_list)
-
-
-def staff(*permissions: str) -> Client:
-    """A logged-in staff user (not a superuser) holding ``permissions`` (codenames)."""
-    user = User.objects.create_user(username=f"staff_{'_'.join(permissions)}", is_staff=True)
-    user.user_permissions.set(
-        Permission.objects.filter(content_type__app_label="spark_decl", codename__in=permissions)
-    )
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def run_action(client: Client, records: list[EventRecord], query: str = "") -> Any:

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from unittest import mock
 
 import pytest
-from django.contrib.auth.models import Permission, User
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -20,7 +19,7 @@ from pytest_django import Settings
 
 from spark_decl.health import PENDING_TOO_LONG
 from spark_decl.models import EventRecord, HandlerOutcome, OutboxEvent
-from tests.conftest import CHALLENGE_HANDLER
+from tests.conftest import CHALLENGE_HANDLER, staff
 
 pytestmark = pytest.mark.django_db
 
@@ -62,17 +61,6 @@ def claim(group: str, at: datetime, calls: dict[str, str], times: int = 1) -> No
             )
             for handler, status in calls.items()
         )
-
-
-def staff(*permissions: str) -> Client:
-    """A logged-in staff user (not a superuser) holding ``permissions`` (codenames)."""
-    user = User.objects.create_user(username=f"staff_{'_'.join(permissions)}", is_staff=True)
-    user.user_permissions.set(
-        Permission.objects.filter(content_type__app_label="spark_decl", codename__in=permissions)
-    )
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def page(client: Client, query: str = "") -> str:
