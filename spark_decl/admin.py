@@ -19,8 +19,17 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import quote
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import ValidationError
-from django.db.models import Count, Exists, F, Model, OuterRef, QuerySet, Subquery
-from django.db.models.functions import Coalesce, Left
+from django.db.models import (
+    Count,
+    Exists,
+    F,
+    JSONField,
+    Model,
+    OuterRef,
+    QuerySet,
+    Subquery,
+)
+from django.db.models.functions import Coalesce, JSONObject, Left
 from django.http import HttpRequest
 from django.urls import NoReverseMatch, URLPattern, reverse
 from django.utils.html import escape, format_html
@@ -193,13 +202,21 @@ def is_history(outcome: HandlerOutcome) -> bool:
 FAILING = ("failed", "given_up")
 
 
-def newest_problem(**column: Any) -> Subquery:
-    """One column (``name=expression``) of the event's newest failing call, as a subquery.
+def newest_problem() -> Subquery:
+    """The event's newest failing call (``handler``, ``status``, ``attempts`` and the start
+    of ``error``) as one JSON object, from one subquery.
 
     Correlated, like :func:`count_outcomes`: computed for the rows shown only, in the
     page's one query."""
     failing = HandlerOutcome.objects.filter(record=OuterRef("pk"), status__in=FAILING)
-    return Subquery(failing.order_by("-pk").values(**column)[:1])
+    problem = JSONObject(
+        handler=F("handler"),
+        status=F("status"),
+        attempts=F("attempts"),
+        # One character more than shown: tells whether there is more.
+        error=Left("last_error", PROBLEM_ERROR_CHARS + 1),
+    )
+    return Subquery(failing.order_by("-pk").values(problem=problem)[:1], output_field=JSONField())
 
 
 def describe_problem(handler: str, status: str, attempts: int, error: str) -> str:
@@ -431,11 +448,7 @@ class EventRecordAdmin(ReadOnlyMixin, ModelAdminBase):
                 outcomes_total=count_outcomes(),
                 outcomes_done=count_outcomes(status__in=["done"]),
                 outcomes_failed=count_outcomes(status__in=["failed", "given_up"]),
-                problem_handler=newest_problem(value=F("handler")),
-                problem_status=newest_problem(value=F("status")),
-                problem_attempts=newest_problem(value=F("attempts")),
-                # One character more than shown: tells whether there is more.
-                problem_error=newest_problem(value=Left("last_error", PROBLEM_ERROR_CHARS + 1)),
+                newest_problem=newest_problem(),
             )
         )
 
@@ -484,15 +497,13 @@ class EventRecordAdmin(ReadOnlyMixin, ModelAdminBase):
 
     @admin.display(description=_("problem"))
     def problem(self, obj: EventRecord) -> SafeString | str:
-        handler = getattr(obj, "problem_handler", None)
-        if not handler:
+        problem: dict[str, Any] | None = getattr(obj, "newest_problem", None)
+        if not problem:
             return "-"
-        error: str = getattr(obj, "problem_error", None) or ""
+        error: str = problem["error"] or ""
         if len(error) > PROBLEM_ERROR_CHARS:
             error = error[:PROBLEM_ERROR_CHARS] + "…"
-        text = describe_problem(
-            handler, getattr(obj, "problem_status", ""), getattr(obj, "problem_attempts", 0), error
-        )
+        text = describe_problem(problem["handler"], problem["status"], problem["attempts"], error)
         # One line in the list, however the error is laid out.
         short = " ".join(text.split())
         if len(short) > PROBLEM_CHARS:
