@@ -36,7 +36,7 @@ from django.utils.html import escape, format_html
 from django.utils.safestring import SafeString, mark_safe
 from django.utils.translation import gettext_lazy as _
 
-from .context import TAG, load_context
+from .context import stored_model, stored_scalar, wraps_dict
 from .dashboard import dashboard_urls
 from .models import EventRecord, HandlerOutcome
 from .outcomes import TRACEBACK_MAX_CHARS, clip
@@ -236,9 +236,6 @@ def describe_problem(handler: str, status: str, attempts: int, error: str) -> st
 
 # -- the stored context ------------------------------------------------------------------------
 
-# Tags whose stored value rebuilds to a scalar without touching the database: what a
-# stored primary key may be besides an int or a str.
-SCALAR_TAGS = frozenset({"uuid", "decimal", "date", "datetime", "time"})
 # Where get_object leaves the request for context_preview, which Django calls with the
 # object alone (a per-request object: the admin instance is shared between threads).
 REQUEST_ATTRIBUTE = "_spark_decl_admin_request"
@@ -261,27 +258,15 @@ class Reference:
 
     def stored_pk(self) -> object:
         """The primary key as stored, rebuilt; ``None`` for what no key can be."""
-        pk = self.pk
-        if isinstance(pk, bool):
-            return None
-        if isinstance(pk, int | str):
-            return pk
-        if isinstance(pk, dict) and pk.get(TAG) in SCALAR_TAGS:
-            try:
-                return load_context(pk)
-            except Exception:
-                return None
-        return None
+        return stored_scalar(self.pk)
 
 
 Piece = str | Reference
 
 
 def as_reference(data: dict[str, Any]) -> Reference | None:
-    if data.get(TAG) != "model" or data.keys() != {TAG, "model", "pk"}:
-        return None
-    label = data["model"]
-    return Reference(label, data["pk"]) if isinstance(label, str) else None
+    stored = stored_model(data)
+    return Reference(*stored) if stored is not None else None
 
 
 def context_pieces(data: Any, level: int = 0, *, user_dict: bool = False) -> Iterator[Piece]:
@@ -299,7 +284,7 @@ def context_pieces(data: Any, level: int = 0, *, user_dict: bool = False) -> Ite
         if not data:
             yield "{}"
             return
-        wrapper = not user_dict and data.get(TAG) == "dict" and data.keys() == {TAG, "value"}
+        wrapper = not user_dict and wraps_dict(data)
         inner = "\n" + "  " * (level + 1)
         yield "{"
         for index, key in enumerate(sorted(data)):

@@ -272,6 +272,43 @@ def load_context(data: Any) -> Any:
             raise ContextUnavailable(f"Unknown stored context tag {tag!r}.")
 
 
+# -- reading a stored context as stored (the admin shows it without rebuilding it) ------
+
+# The tags whose value rebuilds to a scalar without a query: what a stored primary key may
+# be besides an int or a str.
+_SCALAR_TAGS = frozenset({"uuid", "decimal", "date", "datetime", "time"})
+
+
+def stored_model(data: dict[str, Any]) -> tuple[str, Any] | None:
+    """``(model label, stored primary key)`` when ``data`` is a model instance as
+    :func:`dump_context` stores it; ``None`` for any other mapping."""
+    if data.get(TAG) != "model" or data.keys() != {TAG, "model", "pk"}:
+        return None
+    label = data["model"]
+    return (label, data["pk"]) if isinstance(label, str) else None
+
+
+def wraps_dict(data: dict[str, Any]) -> bool:
+    """Whether ``data`` wraps a dict of the user's that has the tag among its keys: its
+    ``"value"`` is that dict, never itself a tagged value."""
+    return data.get(TAG) == "dict" and data.keys() == {TAG, "value"}
+
+
+def stored_scalar(data: Any) -> object:
+    """A stored primary key rebuilt without a query: an int or a str as it is, a tagged
+    date, time, decimal or UUID rebuilt; ``None`` for what no primary key can be."""
+    if isinstance(data, bool):
+        return None
+    if isinstance(data, int | str):
+        return data
+    if isinstance(data, dict) and data.get(TAG) in _SCALAR_TAGS:
+        try:
+            return load_context(data)
+        except Exception:
+            return None
+    return None
+
+
 def _fetch(label: str, pk: object) -> Model:
     try:
         model = apps.get_model(label)
