@@ -367,8 +367,7 @@ def describe_rate(recent: Counts) -> str:
     rate = recent.failure_rate
     if rate is None:
         return f"no calls ran in {the_last(RECENT)}"
-    ran = recent.done + recent.failed + recent.given_up
-    return f"{rate:.0%} ({recent.failed + recent.given_up} of {ran} calls that ran failed)"
+    return f"{rate:.0%} ({recent.failing} of {recent.ran} calls that ran failed)"
 
 
 def describe_span(span: timedelta) -> str:

@@ -99,11 +99,20 @@ class Counts:
         return self.pending + self.done + self.failed + self.given_up
 
     @property
+    def ran(self) -> int:
+        """The calls that ran (pending ones have not)."""
+        return self.done + self.failed + self.given_up
+
+    @property
+    def failing(self) -> int:
+        """The calls whose latest attempt failed: failed or given up."""
+        return self.failed + self.given_up
+
+    @property
     def failure_rate(self) -> float | None:
         """The share of the calls that ran whose latest attempt failed (``None`` when
         none ran): a failed call that a retry completed counts as done."""
-        ran = self.done + self.failed + self.given_up
-        return (self.failed + self.given_up) / ran if ran else None
+        return self.failing / self.ran if self.ran else None
 
     def as_dict(self) -> dict[str, int]:
         return {status: getattr(self, status) for status in STATUSES}
@@ -198,10 +207,9 @@ class Health:
         found: list[str] = []
         for handler in self.handlers:
             recent, opened = handler.recent, handler.open
-            if recent.failed or recent.given_up:
+            if recent.failing:
                 found.append(
-                    f"{handler.name}: {recent.failed + recent.given_up} of "
-                    f"{recent.done + recent.failed + recent.given_up} calls of "
+                    f"{handler.name}: {recent.failing} of {recent.ran} calls of "
                     f"{the_last(RECENT)} failed" + since_text(handler.first_failure)
                 )
             if opened.oldest_pending and self.now - opened.oldest_pending > PENDING_TOO_LONG:

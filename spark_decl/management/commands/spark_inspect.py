@@ -129,13 +129,12 @@ class Command(BaseCommand):
 
     def describe_handler(self, handler: HandlerHealth, found: Health) -> list[str]:
         recent, opened = handler.recent, handler.open
-        ran = recent.done + recent.failed + recent.given_up
         if recent.failure_rate is None:
             last_hour = "no call ran"
         else:
-            failed = recent.failed + recent.given_up
-            last_hour = f"{recent.failure_rate:.0%} failed ({failed} of {ran} calls)"
-            if failed:
+            rate, failing, ran = recent.failure_rate, recent.failing, recent.ran
+            last_hour = f"{rate:.0%} failed ({failing} of {ran} calls)"
+            if recent.failing:
                 last_hour = self.style.ERROR(last_hour)
         lines = [
             f"calls: {self.describe_outcomes(handler.window.as_dict())}",
