@@ -307,13 +307,16 @@ def health(
         index = int((moment - since) / window.bucket)
         return index if 0 <= index < len(starts) else None
 
+    def new_handler(name: str, *, registered: bool) -> HandlerHealth:
+        return HandlerHealth(name, registered, timeline=[Counts() for _ in starts])
+
     handlers: dict[str, HandlerHealth] = {
-        spec.name: HandlerHealth(spec.name, registered=True) for spec in registry.handlers()
+        spec.name: new_handler(spec.name, registered=True) for spec in registry.handlers()
     }
 
     def handler(name: str) -> HandlerHealth:
         if name not in handlers:
-            handlers[name] = HandlerHealth(name, registered=False)
+            handlers[name] = new_handler(name, registered=False)
         return handlers[name]
 
     groups: dict[str, GroupHealth] = {}
@@ -352,8 +355,6 @@ def health(
     ):
         entry = handler(name)
         entry.window.add(status, count)
-        if not entry.timeline:
-            entry.timeline = [Counts() for _ in starts]
         by_group = group_entry(group)
         by_group.calls.add(status, count)
         index = bucket_of(hour)
@@ -388,10 +389,6 @@ def health(
             opened.failed, opened.oldest_failed = count, oldest
         elif status == GIVEN_UP:
             opened.given_up = count
-
-    for entry in handlers.values():
-        if not entry.timeline:
-            entry.timeline = [Counts() for _ in starts]
 
     outbox = OutboxEvent.objects.using(using).aggregate(
         events=Count("pk"), oldest=Min("created_at")
